@@ -1,0 +1,378 @@
+"""Typed configuration: dataclasses, YAML presets and ``key=value`` overrides.
+
+A config is resolved in this order: built-in defaults, then a preset (``model=NAME`` or the
+``base:`` key of a YAML file given with ``--config``), then the YAML file, then ``key=value``
+overrides from the command line. Every key is validated against the dataclass types; an
+unknown key or a value of the wrong type raises :class:`~oddetr.errors.ConfigError` with a
+one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from oddetr.errors import ConfigError
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"
+    weights: str | None = None  # local torchvision state-dict file; never downloaded
+    trainable_layers: int = 3
+    lr_mult: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["deformable-detr", "dab-deformable-detr", "dino"] = "deformable-detr"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    d_model: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_feature_levels: int = 4
+    enc_points: int = 4
+    dec_points: int = 4
+    num_queries: int = 300
+    box_refine: bool = True
+    two_stage: bool = False
+    num_classes: int = 0  # 0: taken from the training data's categories
+
+
+@dataclass
+class DataSplitConfig:
+    format: Literal["coco", "voc", "synthetic"] = "synthetic"
+    images: str | None = None  # COCO image folder
+    annotations: str | None = None  # COCO annotation JSON
+    root: str | None = None  # VOC root
+    split: str | None = None  # VOC ImageSets/Main/<split>.txt
+
+
+@dataclass
+class SyntheticConfig:
+    root: str = "~/.cache/oddetr/synthetic"
+    num_train: int = 600
+    num_val: int = 100
+    image_size: int = 128
+    min_objects: int = 1
+    max_objects: int = 20
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train: DataSplitConfig = field(default_factory=DataSplitConfig)
+    val: DataSplitConfig = field(default_factory=lambda: DataSplitConfig())
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    crop: bool = True
+    crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min: int = 384
+    crop_max: int = 600
+    flip: bool = True
+    num_workers: int = 2
+
+
+@dataclass
+class LossConfig:
+    cls: Literal["focal", "qfl"] = "focal"
+    cls_weight: float = 1.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    qfl_beta: float = 2.0
+    aux_layers: bool = True  # losses at every decoder layer, not only the last
+
+
+@dataclass
+class DistillConfig:
+    enabled: bool = False
+    md: bool = True
+    pd: bool = True
+    aux: bool = True
+    ema_decay: float = 0.9997
+    ema_tau: float = 2000.0
+    warmup_steps: int = -1  # -1: ema_tau
+    md_box: Literal["none", "unmatched_only", "all"] = "unmatched_only"
+    md_weight: float = 1.0
+    pd_weight: float = 1.0
+    aux_weight: float = 1.0
+    aux_k: int = 2
+    aux_stages: list[int] | None = None  # None: every decoder layer
+    aux_pooled: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 2
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    schedule: Literal["step", "cosine"] = "step"
+    lr_drop_epochs: list[int] = field(default_factory=lambda: [11])
+    lr_drop_factor: float = 0.1
+    min_lr_ratio: float = 0.01
+    clip_grad: float = 0.1
+    grad_accum: int = 1
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    eval_every: int = 1
+    max_steps_per_epoch: int = 0  # 0: the whole epoch
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 5
+    instability_probe: int = 256
+
+
+@dataclass
+class EvalConfig:
+    max_detections: int = 100
+    batch_size: int = 4
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    preset: str = "deformable-detr-tiny"
+    output: str = "runs/train"
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+    deterministic: bool = False
+
+    def validate(self) -> None:
+        """Cross-field checks that types alone cannot express."""
+        m = self.model
+        positive = {
+            "model.d_model": m.d_model, "model.nheads": m.nheads, "model.dec_layers": m.dec_layers,
+            "model.num_queries": m.num_queries, "model.num_feature_levels": m.num_feature_levels,
+            "train.epochs": self.train.epochs, "train.batch_size": self.train.batch_size,
+            "train.grad_accum": self.train.grad_accum, "eval.batch_size": self.eval.batch_size,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+        if m.d_model % m.nheads:
+            raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.nheads={m.nheads}")
+        if m.enc_layers < 0:
+            raise ConfigError(f"config key 'model.enc_layers' must be >= 0, got {m.enc_layers}")
+        if not 0.0 <= self.distill.ema_decay < 1.0:
+            raise ConfigError(f"config key 'distill.ema_decay' must be in [0, 1), got {self.distill.ema_decay}")
+        if self.distill.aux_stages is not None:
+            bad = [s for s in self.distill.aux_stages if not 0 <= s < m.dec_layers]
+            if bad:
+                raise ConfigError(f"config key 'distill.aux_stages' has stages {bad} outside [0, {m.dec_layers})")
+        for split in ("train", "val"):
+            _validate_split(getattr(self.data, split), f"data.{split}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _validate_split(split: DataSplitConfig, prefix: str) -> None:
+    if split.format == "coco":
+        for key in ("images", "annotations"):
+            if not getattr(split, key):
+                raise ConfigError(f"{prefix}.format=coco needs {prefix}.{key}")
+    elif split.format == "voc":
+        for key in ("root", "split"):
+            if not getattr(split, key):
+                raise ConfigError(f"{prefix}.format=voc needs {prefix}.{key}")
+
+
+# --------------------------------------------------------------------------- type coercion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"config key '{key}' got {value!r}, expected {_type_name(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' got {value!r}, expected one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, int | float | str) and item_tp is not str else value
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' got {value!r}, expected a list")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' got {value!r}, expected a mapping of its fields")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' got {value!r}, expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' got {value!r}, expected an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' got {value!r}, expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' got {value!r}, expected a string")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a (possibly partial) nested dict."""
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(str(key), list(hints), prefix)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- presets and files
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("oddetr") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: Path | Any, label: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {label}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"malformed YAML in {label}{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {label} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The nested dict of preset ``name`` (following its ``base:`` chain)."""
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(preset_names())}")
+    data = _read_yaml(resources.files("oddetr") / "configs" / f"{name}.yaml", f"preset {name}")
+    base = data.pop("base", None)
+    data["preset"] = name
+    return _merge(load_preset(base), data) if base else data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "model=dino-tiny"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"empty key in '{item}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if key == "model" and isinstance(value, str):
+            key = "preset"
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def resolve_config(config_file: str | None = None, overrides: list[str] | None = None,
+                   base: dict[str, Any] | None = None) -> Config:
+    """Defaults <- preset <- YAML file <- overrides, validated. ``base`` replaces the preset."""
+    override_dict = parse_overrides(overrides or [])
+    file_dict: dict[str, Any] = {}
+    if config_file:
+        file_dict = _read_yaml(Path(config_file), config_file)
+        if "base" in file_dict:
+            file_dict["preset"] = file_dict.pop("base")
+    preset = override_dict.get("preset") or file_dict.get("preset") or Config.preset
+    merged = base if base is not None else load_preset(str(preset))
+    merged = _merge(_merge(merged, file_dict), override_dict)
+    merged["preset"] = str(preset)
+    cfg = _build(Config, merged)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint)."""
+    cfg = _build(Config, data)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,61 @@
+"""EMA teacher: θ_t ← m_k θ_t + (1 − m_k) θ_s with m_k = m (1 − exp(−k / τ))."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def ema_decay_at(step: int, decay: float, tau: float) -> float:
+    """m_k for k = ``step`` optimiser steps so far (warm-up: 0 at k=0, -> ``decay``)."""
+    if tau <= 0:
+        return decay
+    return decay * (1.0 - math.exp(-step / tau))
+
+
+class EmaTeacher:
+    """An exponential moving average of a student model, kept frozen and in eval mode.
+
+    Parameters are averaged over ``named_parameters()`` (de-duplicated, so a head shared by
+    several decoder layers is averaged once per step); buffers are copied.
+    """
+
+    def __init__(self, student: nn.Module, decay: float, tau: float) -> None:
+        self.decay = decay
+        self.tau = tau
+        self.step = 0
+        self.model = copy.deepcopy(_unwrap(student))
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> float:
+        """One EMA step after an optimiser step; returns the decay used."""
+        self.step += 1
+        m = ema_decay_at(self.step, self.decay, self.tau)
+        student = _unwrap(student)
+        t_params = dict(self.model.named_parameters())
+        s_params = dict(student.named_parameters())
+        if t_params.keys() != s_params.keys():
+            raise RuntimeError("teacher and student have different parameters")
+        names = list(t_params)
+        teacher_tensors = [t_params[n] for n in names]
+        student_tensors = [s_params[n].detach().to(t_params[n].dtype) for n in names]
+        torch._foreach_lerp_(teacher_tensors, student_tensors, 1.0 - m)
+        for (_, tb), (_, sb) in zip(self.model.named_buffers(), student.named_buffers()):
+            tb.copy_(sb)
+        return m
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "step": self.step, "decay": self.decay, "tau": self.tau}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.step = int(state["step"])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,86 @@
+"""Extra query groups built from the teacher's pass: PD (initial queries) and AUX (stage queries)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from oddetr.losses.matcher import Assignment, HungarianMatcher, topk_lowest_cost
+from oddetr.models.outputs import GroupOutput, QueryGroup
+
+
+def prediction_group(initial: QueryGroup) -> QueryGroup:
+    """PD: the teacher's initial queries, detached, as one student group named ``pd``."""
+    group = initial.detach()
+    group.name = "pd"
+    return group
+
+
+@dataclass
+class AuxGroup:
+    """An AUX query group with fixed targets.
+
+    group:      the queries (B, N, ·), N = k * max GT count in the batch (padding has no target)
+    assignment: per image, (query index within the group, GT index)
+    stages:     the teacher stage(s) the queries come from
+    """
+
+    group: QueryGroup
+    assignment: Assignment
+    stages: tuple[int, ...]
+
+
+def select_aux_queries(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
+                       matcher: HungarianMatcher, k: int) -> list[torch.Tensor]:
+    """Per image, the k lowest-cost teacher queries for every GT at one stage.
+
+    logits: (B, Q, C); boxes: (B, Q, 4) -> per image a (G, k) int64 tensor of query indices.
+    """
+    costs = matcher.cost_matrices(logits, boxes, targets)
+    return [topk_lowest_cost(c, k) if c.shape[1] else torch.zeros(0, min(k, c.shape[0]), dtype=torch.long)
+            for c in costs]
+
+
+def aux_group(teacher_main: GroupOutput, teacher_initial: QueryGroup, stages: Sequence[int],
+              selections: Sequence[Sequence[torch.Tensor]], name: str,
+              use_learned_position: bool) -> AuxGroup:
+    """Build one AUX group from the teacher's state after each stage in ``stages``.
+
+    selections[i][b]: (G_b, k) query indices chosen at ``stages[i]`` for image b. Each chosen
+    query contributes its hidden state after that stage and its refined reference; a query
+    chosen for two GTs appears once per GT. Positional queries are the teacher's learned ones of
+    that query index (learned-query models) or None (derived from the reference by the student).
+    """
+    bsz, _, d = teacher_initial.content.shape
+    device = teacher_initial.content.device
+    per_image: list[list[tuple[int, int, int]]] = [[] for _ in range(bsz)]  # (stage, query, gt)
+    for stage, sel in zip(stages, selections):
+        for b, idx in enumerate(sel):
+            for g in range(idx.shape[0]):
+                for q in idx[g].tolist():
+                    per_image[b].append((stage, q, g))
+    n = max(1, max(len(items) for items in per_image))
+    ref_dim = teacher_main.references[stages[0] + 1].shape[-1]
+    content = torch.zeros(bsz, n, d, device=device, dtype=teacher_initial.content.dtype)
+    reference = torch.full((bsz, n, ref_dim), 0.5, device=device, dtype=teacher_initial.reference.dtype)
+    if ref_dim == 4:
+        reference[..., 2:] = 0.1
+    position = torch.zeros_like(content) if use_learned_position else None
+    assignment: Assignment = []
+    for b, items in enumerate(per_image):
+        if items:
+            stage_t = torch.tensor([s for s, _, _ in items], device=device)
+            query_t = torch.tensor([q for _, q, _ in items], device=device)
+            hidden = teacher_main.hidden[stage_t, b, query_t]
+            refs = torch.stack([teacher_main.references[s + 1][b, q] for s, q, _ in items])
+            content[b, : len(items)] = hidden
+            reference[b, : len(items)] = refs.to(reference.dtype)
+            if position is not None:
+                position[b, : len(items)] = teacher_initial.position[b, query_t]
+        m = len(items)
+        assignment.append((torch.arange(m, dtype=torch.long),
+                           torch.tensor([g for _, _, g in items], dtype=torch.long)))
+    group = QueryGroup(content.detach(), None if position is None else position.detach(), reference.detach(), name)
+    return AuxGroup(group, assignment, tuple(stages))

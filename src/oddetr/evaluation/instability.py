@@ -1,0 +1,83 @@
+"""DN-DETR's matching instability (METHOD.md, "Training stability metric").
+
+At the end of every epoch the final decoder layer's main-group predictions on a fixed
+probe set are Hungarian-matched to the GT, and :func:`assignment_map` records which query
+each GT box got. ``IS(e)`` = :func:`instability` of the maps of epochs ``e-1`` and ``e``:
+the fraction of GT boxes whose query changed. :func:`select_probe_indices` picks the probe
+set once, by seed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from oddetr.errors import ConfigError
+
+__all__ = ["assignment_map", "instability", "select_probe_indices"]
+
+AssignmentMap = dict[tuple[int, int], int]
+
+
+def assignment_map(
+    image_ids: Sequence[int], indices: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> AssignmentMap:
+    """Which query each GT box was matched to.
+
+    Args:
+        image_ids: one id per image of the batch (dataset index or COCO image id; it only
+            has to be stable across epochs).
+        indices: per image, the Hungarian matcher's ``(query_idx, gt_idx)`` LongTensors,
+            both ``(K_i,)``, pairing query ``query_idx[k]`` with GT ``gt_idx[k]`` (GT index
+            in that image's target order).
+
+    Returns:
+        ``{(image_id, gt_index): query_index}``; merge batches with ``dict.update``.
+
+    Raises:
+        ValueError: lengths disagree, or a GT index appears twice in one image.
+    """
+    if len(image_ids) != len(indices):
+        raise ValueError(f"assignment_map: {len(image_ids)} image ids but {len(indices)} index pairs")
+    out: AssignmentMap = {}
+    for image_id, (query_idx, gt_idx) in zip(image_ids, indices):
+        queries = torch.as_tensor(query_idx).reshape(-1).tolist()
+        gts = torch.as_tensor(gt_idx).reshape(-1).tolist()
+        if len(queries) != len(gts):
+            raise ValueError(f"image {image_id}: {len(queries)} query indices but {len(gts)} GT indices")
+        for q, g in zip(queries, gts):
+            key = (int(image_id), int(g))
+            if key in out:
+                raise ValueError(f"image {image_id}: GT {g} is matched twice")
+            out[key] = int(q)
+    return out
+
+
+def instability(previous: Mapping[tuple[int, int], int], current: Mapping[tuple[int, int], int]) -> float:
+    """Fraction of GT boxes (keys in both maps) whose matched query changed; 0.0 if none shared."""
+    common = previous.keys() & current.keys()
+    if not common:
+        return 0.0
+    changed = sum(previous[k] != current[k] for k in common)
+    return changed / len(common)
+
+
+def select_probe_indices(dataset_len: int, max_images: int = 256, seed: int = 0) -> list[int]:
+    """A fixed probe subset of dataset indices: sorted, ``min(dataset_len, max_images)`` long.
+
+    The whole dataset when it is small enough; otherwise a uniform sample drawn with a
+    private ``random.Random(seed)`` (global RNG state is neither used nor changed), so the
+    same ``(dataset_len, max_images, seed)`` always gives the same subset.
+
+    Raises:
+        ConfigError: a negative ``dataset_len`` or a ``max_images`` below 1.
+    """
+    if dataset_len < 0:
+        raise ConfigError(f"select_probe_indices: dataset_len must be >= 0, got {dataset_len}")
+    if max_images < 1:
+        raise ConfigError(f"stability probe size (max_images) must be >= 1, got {max_images}")
+    if dataset_len <= max_images:
+        return list(range(dataset_len))
+    return sorted(random.Random(seed).sample(range(dataset_len), max_images))

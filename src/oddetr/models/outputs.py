@@ -1,0 +1,112 @@
+"""Typed containers that flow between the detector, the criterion and the distiller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class QueryGroup:
+    """A group of decoder queries; groups only attend within themselves.
+
+    content:   (B, G, d) content queries (``tgt``)
+    position:  (B, G, d) positional queries, or None to derive them from ``reference``
+               every layer (the model's sine embedding + MLP, as DAB / DINO do)
+    reference: (B, G, 2) normalised points or (B, G, 4) normalised cxcywh boxes
+    name:      a label used for loss keys (``main``, ``pd``, ``aux0`` ...)
+    """
+
+    content: torch.Tensor
+    position: torch.Tensor | None
+    reference: torch.Tensor
+    name: str = "main"
+
+    def __post_init__(self) -> None:
+        if self.content.dim() != 3 or self.reference.dim() != 3:
+            raise ValueError("QueryGroup content must be (B, G, d) and reference (B, G, 2|4)")
+        if self.reference.shape[:2] != self.content.shape[:2]:
+            raise ValueError(f"QueryGroup {self.name}: content {tuple(self.content.shape)} and reference "
+                             f"{tuple(self.reference.shape)} disagree on (B, G)")
+        if self.reference.shape[-1] not in (2, 4):
+            raise ValueError(f"QueryGroup {self.name}: reference last dim must be 2 or 4")
+
+    @property
+    def size(self) -> int:
+        return self.content.shape[1]
+
+    def detach(self) -> QueryGroup:
+        pos = None if self.position is None else self.position.detach()
+        return QueryGroup(self.content.detach(), pos, self.reference.detach(), self.name)
+
+    def select(self, batch_index: torch.Tensor, query_index: torch.Tensor, name: str) -> QueryGroup:
+        """Gather queries; batch_index, query_index: (B, G') -> a new group of G' queries per image."""
+        pos = None if self.position is None else self.position[batch_index, query_index]
+        return QueryGroup(self.content[batch_index, query_index], pos, self.reference[batch_index, query_index], name)
+
+
+@dataclass
+class GroupOutput:
+    """Per-decoder-layer outputs of one query group.
+
+    logits:     (L, B, G, C) class logits at every decoder layer
+    boxes:      (L, B, G, 4) cxcywh boxes in [0, 1] at every decoder layer
+    hidden:     (L, B, G, d) decoder hidden state after every layer
+    references: L + 1 tensors (B, G, 2|4): the reference each layer received, then the one after
+                the last layer (the refined box with box refinement)
+    """
+
+    name: str
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    hidden: torch.Tensor
+    references: list[torch.Tensor]
+
+
+@dataclass
+class Memory:
+    """Encoder output.
+
+    memory:        (B, S, d) flattened multi-scale features after the encoder
+    spatial_shapes:(L, 2) int64 (h, w) per level
+    valid_ratios:  (B, L, 2) fraction of each level that is not padding, (x, y)
+    padding_mask:  (B, S) bool, True on padding
+    """
+
+    memory: torch.Tensor
+    spatial_shapes: torch.Tensor
+    valid_ratios: torch.Tensor
+    padding_mask: torch.Tensor
+
+
+@dataclass
+class EncoderProposals:
+    """Two-stage encoder predictions over every memory position.
+
+    logits: (B, S, C); boxes: (B, S, 4) cxcywh; topk: (B, K) indices chosen as decoder queries.
+    """
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    topk: torch.Tensor
+
+
+@dataclass
+class DetectorOutput:
+    """Everything the losses and the distiller need from one forward pass."""
+
+    main: GroupOutput
+    initial: QueryGroup
+    extra: list[GroupOutput] = field(default_factory=list)
+    encoder: EncoderProposals | None = None
+
+    @property
+    def pred_logits(self) -> torch.Tensor:
+        """(B, Q, C) final-layer logits of the main group."""
+        return self.main.logits[-1]
+
+    @property
+    def pred_boxes(self) -> torch.Tensor:
+        """(B, Q, 4) final-layer cxcywh boxes of the main group."""
+        return self.main.boxes[-1]

@@ -1,0 +1,225 @@
+"""Deformable encoder and decoder; the decoder runs any number of query groups at once.
+
+Groups are concatenated along the query axis. Self-attention is masked block-diagonally so a
+query attends only within its group; cross-attention, weights and box refinement are shared.
+Heads are passed to :meth:`DeformableDecoder.forward`, never stored on the decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from oddetr.box_ops import inverse_sigmoid
+from oddetr.models.ms_deform_attn import MSDeformAttn
+from oddetr.models.outputs import GroupOutput, Memory, QueryGroup
+
+
+class FeedForward(nn.Module):
+    """Post-norm FFN block: x + dropout(W2 relu(W1 x)), then LayerNorm. x: (B, N, d)."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                 nn.Linear(dim_feedforward, d_model))
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.dropout(self.net(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Multi-scale deformable self-attention over all feature positions, then an FFN."""
+
+    def __init__(self, d_model: int, nheads: int, n_levels: int, n_points: int, dim_feedforward: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, nheads, n_points)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference: torch.Tensor, spatial_shapes: torch.Tensor,
+                padding_mask: torch.Tensor) -> torch.Tensor:
+        """src, pos: (B, S, d); reference: (B, S, L, 2) -> (B, S, d)."""
+        attn = self.self_attn(src + pos, reference, src, spatial_shapes, padding_mask)
+        return self.ffn(self.norm(src + self.dropout(attn)))
+
+
+def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+    """Pixel centres of every level, normalised by the valid area, seen from every level.
+
+    spatial_shapes: (L, 2); valid_ratios: (B, L, 2) -> (B, S, L, 2) normalised (x, y).
+    """
+    points = []
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        ys, xs = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
+            torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+            indexing="ij",
+        )
+        y = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+        x = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+        points.append(torch.stack((x, y), -1))
+    ref = torch.cat(points, 1)
+    return ref[:, :, None] * valid_ratios[:, None]
+
+
+class DeformableEncoder(nn.Module):
+    def __init__(self, num_layers: int, **layer_kwargs) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(**layer_kwargs) for _ in range(num_layers))
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, spatial_shapes: torch.Tensor,
+                valid_ratios: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """src, pos: (B, S, d) -> (B, S, d)."""
+        reference = encoder_reference_points(spatial_shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference, spatial_shapes, padding_mask)
+        return src
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention within groups, deformable cross-attention into the memory, FFN (post-norm)."""
+
+    def __init__(self, d_model: int, nheads: int, n_levels: int, n_points: int, dim_feedforward: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, nheads, n_points)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+
+    def forward(self, tgt: torch.Tensor, pos: torch.Tensor, reference_chunks: list[torch.Tensor],
+                memory: Memory, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """tgt, pos: (B, Q, d); reference_chunks: consecutive (B, Q_i, L, 2|4) summing to Q -> (B, Q, d)."""
+        q = k = tgt + pos
+        attn = self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.dropout1(attn))
+        query = tgt + pos
+        outs, start = [], 0
+        for ref in reference_chunks:
+            end = start + ref.shape[1]
+            outs.append(self.cross_attn(query[:, start:end], ref, memory.memory, memory.spatial_shapes,
+                                        memory.padding_mask))
+            start = end
+        cross = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        tgt = self.norm2(tgt + self.dropout2(cross))
+        return self.ffn(tgt)
+
+
+def group_attention_mask(sizes: list[int], device: torch.device) -> torch.Tensor | None:
+    """Block-diagonal self-attention mask. sizes: queries per group -> (Q, Q) bool, True = blocked."""
+    if len(sizes) <= 1:
+        return None
+    total = sum(sizes)
+    mask = torch.ones(total, total, dtype=torch.bool, device=device)
+    start = 0
+    for n in sizes:
+        mask[start:start + n, start:start + n] = False
+        start += n
+    return mask
+
+
+def refine_boxes(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Box prediction from a head's delta and the layer's reference.
+
+    delta: (B, Q, 4); reference: (B, Q, 4) cxcywh or (B, Q, 2) points -> (B, Q, 4) cxcywh in [0, 1].
+    """
+    if reference.shape[-1] == 4:
+        return (delta + inverse_sigmoid(reference)).sigmoid()
+    xy = delta[..., :2] + inverse_sigmoid(reference)
+    return torch.cat([xy, delta[..., 2:]], -1).sigmoid()
+
+
+class DeformableDecoder(nn.Module):
+    """Runs concatenated query groups through the decoder layers, predicting at every layer."""
+
+    def __init__(self, num_layers: int, box_refine: bool, look_forward_twice: bool = False, **layer_kwargs) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.box_refine = box_refine
+        self.look_forward_twice = look_forward_twice
+
+    def forward(self, groups: list[QueryGroup], memory: Memory, class_heads: nn.ModuleList,
+                bbox_heads: nn.ModuleList, position_head: nn.Module | None = None) -> list[GroupOutput]:
+        """Decode ``groups`` (main first) against ``memory``.
+
+        class_heads / bbox_heads: one per decoder layer (the same module repeated when shared).
+        position_head: maps a (B, G, 2|4) reference to (B, G, d) positional queries, for groups
+        whose ``position`` is None (recomputed every layer from the refined reference).
+        """
+        sizes = [g.size for g in groups]
+        attn_mask = group_attention_mask(sizes, groups[0].content.device)
+        tgt = torch.cat([g.content for g in groups], 1)
+        refs = [g.reference for g in groups]  # per group, (B, G, 2|4)
+        ratios = memory.valid_ratios
+        all_logits, all_boxes, all_hidden = [], [], []
+        all_refs: list[list[torch.Tensor]] = [[r] for r in refs]
+        undetached = list(refs)  # look-forward-twice: previous layer's refined boxes, with gradient
+        spans = _spans(sizes)
+        for lvl, layer in enumerate(self.layers):
+            pos = torch.cat([self._position(g, r, position_head) for g, r in zip(groups, refs)], 1)
+            chunks = _merge_chunks([_scale_reference(r, ratios) for r in refs])
+            tgt = layer(tgt, pos, chunks, memory, attn_mask)
+            logits = class_heads[lvl](tgt)
+            delta = bbox_heads[lvl](tgt)
+            boxes = []
+            for gi, (s, e) in enumerate(spans):
+                refined = refine_boxes(delta[:, s:e], refs[gi])
+                lft = self.look_forward_twice and self.box_refine and lvl > 0
+                boxes.append(refine_boxes(delta[:, s:e], undetached[gi]) if lft else refined)
+                if self.box_refine:
+                    undetached[gi] = refined
+                    refs[gi] = refined.detach()
+                all_refs[gi].append(refs[gi])
+            all_logits.append(logits)
+            all_boxes.append(torch.cat(boxes, 1))
+            all_hidden.append(tgt)
+        logits = torch.stack(all_logits)
+        boxes = torch.stack(all_boxes)
+        hidden = torch.stack(all_hidden)
+        outputs = []
+        for g, (s, e), store in zip(groups, spans, all_refs):
+            outputs.append(GroupOutput(g.name, logits[:, :, s:e], boxes[:, :, s:e], hidden[:, :, s:e], store))
+        return outputs
+
+    @staticmethod
+    def _position(group: QueryGroup, reference: torch.Tensor, position_head: nn.Module | None) -> torch.Tensor:
+        if group.position is not None:
+            return group.position
+        if position_head is None:
+            raise ValueError(f"query group '{group.name}' has no positional query and the model has no position head")
+        return position_head(reference)
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for n in sizes:
+        spans.append((start, start + n))
+        start += n
+    return spans
+
+
+def _scale_reference(reference: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+    """(B, G, 2|4) normalised to the valid image -> (B, G, L, 2|4) normalised to each padded level."""
+    if reference.shape[-1] == 4:
+        ratios = torch.cat([valid_ratios, valid_ratios], -1)
+    else:
+        ratios = valid_ratios
+    return reference[:, :, None] * ratios[:, None]
+
+
+def _merge_chunks(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Concatenate neighbouring reference chunks that have the same last dimension."""
+    merged = [chunks[0]]
+    for chunk in chunks[1:]:
+        if chunk.shape[-1] == merged[-1].shape[-1]:
+            merged[-1] = torch.cat([merged[-1], chunk], 1)
+        else:
+            merged.append(chunk)
+    return merged
