@@ -28,8 +28,22 @@ def basic_coco() -> dict[str, Any]:
             {"id": 5, "file_name": "c.png", "width": 32, "height": 32},
         ],
         "annotations": [
-            {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2.0, 3.0, 10.0, 8.0], "area": 60.0, "iscrowd": 0},
-            {"id": 2, "image_id": 10, "category_id": 3, "bbox": [20.5, 10.0, 15.0, 20.0], "area": 300.0, "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 10,
+                "category_id": 7,
+                "bbox": [2.0, 3.0, 10.0, 8.0],
+                "area": 60.0,
+                "iscrowd": 0,
+            },
+            {
+                "id": 2,
+                "image_id": 10,
+                "category_id": 3,
+                "bbox": [20.5, 10.0, 15.0, 20.0],
+                "area": 300.0,
+                "iscrowd": 0,
+            },
             {"id": 3, "image_id": 4, "category_id": 3, "bbox": [0, 0, 24, 48], "area": 1152, "iscrowd": 0},
             {"id": 4, "image_id": 4, "category_id": 7, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 1},
         ],
@@ -56,3 +70,9 @@ def make_coco(tmp_path: Path):
         return images_dir, ann_file
 
     return make
+
+
+@pytest.fixture
+def png():
+    """The ``write_png(path, width, height, seed=0) -> pixels`` helper, as a fixture."""
+    return write_png

@@ -42,7 +42,9 @@ class BoxCleaner:
         self.dropped = 0
         self.clipped = 0
 
-    def clean(self, x0: float, y0: float, x1: float, y1: float, width: float, height: float) -> list[float] | None:
+    def clean(
+        self, x0: float, y0: float, x1: float, y1: float, width: float, height: float
+    ) -> list[float] | None:
         """Absolute xyxy box and image size -> clipped xyxy box, or None when the box is dropped."""
         if not (x1 > x0 and y1 > y0):
             self.dropped += 1
@@ -92,7 +94,9 @@ class DetectionDataset(Dataset):
         absolute inside the image, with ``id``, ``image_id``, ``category_id``, ``area``, ``iscrowd``."""
         self.images_dir = Path(images_dir)
         self.transforms: Transform = transforms if transforms is not None else default_transforms()
-        self.categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in sorted(categories, key=lambda c: c["id"])]
+        self.categories = [
+            {"id": int(c["id"]), "name": str(c["name"])} for c in sorted(categories, key=lambda c: c["id"])
+        ]
         self.num_classes = len(self.categories)
         self.label_to_cat_id = [c["id"] for c in self.categories]
         self.class_names = [c["name"] for c in self.categories]
@@ -102,7 +106,12 @@ class DetectionDataset(Dataset):
         self.dropped_boxes = dropped_boxes
         self.clipped_boxes = clipped_boxes
         self._images = [
-            {"id": int(i["id"]), "width": int(i["width"]), "height": int(i["height"]), "file_name": str(i["file_name"])}
+            {
+                "id": int(i["id"]),
+                "width": int(i["width"]),
+                "height": int(i["height"]),
+                "file_name": str(i["file_name"]),
+            }
             for i in images
         ]
         self._annotations = list(annotations)
@@ -112,7 +121,9 @@ class DetectionDataset(Dataset):
             if not ann["iscrowd"]:
                 per_image[index[ann["image_id"]]].append(ann)
         self._boxes = [_xywh_to_xyxy_array(anns) for anns in per_image]
-        self._labels = [np.array([self.cat_id_to_label[a["category_id"]] for a in anns], np.int64) for anns in per_image]
+        self._labels = [
+            np.array([self.cat_id_to_label[a["category_id"]] for a in anns], np.int64) for anns in per_image
+        ]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -184,11 +195,19 @@ class CocoDetection(DetectionDataset):
         categories = _parse_categories(src, data["categories"])
         images = _parse_images(src, data["images"])
         cleaner = BoxCleaner()
-        annotations = _parse_annotations(src, data["annotations"], images, {c["id"] for c in categories}, cleaner)
+        annotations = _parse_annotations(
+            src, data["annotations"], images, {c["id"] for c in categories}, cleaner
+        )
         _check_image_files(src, Path(images_dir), images.values())
         cleaner.warn(src)
         super().__init__(
-            images_dir, list(images.values()), annotations, categories, transforms, cleaner.dropped, cleaner.clipped
+            images_dir,
+            list(images.values()),
+            annotations,
+            categories,
+            transforms,
+            cleaner.dropped,
+            cleaner.clipped,
         )
 
 
@@ -199,7 +218,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
-        raise DataError(f"malformed JSON in {path}: {err.msg} at line {err.lineno} column {err.colno} (char {err.pos})") from err
+        raise DataError(
+            f"malformed JSON in {path}: {err.msg} at line {err.lineno} column {err.colno} (char {err.pos})"
+        ) from err
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read annotation file {path}: {err}") from err
     if not isinstance(data, dict):
@@ -246,8 +267,15 @@ def _parse_images(src: str, raw: list[Any]) -> dict[int, dict[str, Any]]:
             raise DataError(f"{src}: image id {image_id} has no 'file_name'")
         width, height = img.get("width"), img.get("height")
         if not (_is_number(width) and _is_number(height) and width > 0 and height > 0):
-            raise DataError(f"{src}: image id {image_id} needs positive 'width' and 'height', got {width!r}, {height!r}")
-        images[image_id] = {"id": image_id, "file_name": img["file_name"], "width": int(width), "height": int(height)}
+            raise DataError(
+                f"{src}: image id {image_id} needs positive 'width' and 'height', got {width!r}, {height!r}"
+            )
+        images[image_id] = {
+            "id": image_id,
+            "file_name": img["file_name"],
+            "width": int(width),
+            "height": int(height),
+        }
     return images
 
 
@@ -277,7 +305,9 @@ def _parse_annotations(
             )
         bbox = ann.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise DataError(f"{src}: {name} (image id {image_id}) has a malformed bbox {bbox!r}: expected 4 numbers [x, y, w, h]")
+            raise DataError(
+                f"{src}: {name} (image id {image_id}) has a malformed bbox {bbox!r}: expected 4 numbers [x, y, w, h]"
+            )
         x, y, w, h = (float(v) for v in bbox)
         img = images[image_id]
         box = cleaner.clean(x, y, x + w, y + h, img["width"], img["height"])
@@ -302,7 +332,9 @@ def _parse_annotations(
             }
         )
     if renumber:
-        warnings.warn(f"{src}: annotation ids are missing, duplicated or < 1; coco_gt() numbers them 1..N", stacklevel=3)
+        warnings.warn(
+            f"{src}: annotation ids are missing, duplicated or < 1; coco_gt() numbers them 1..N", stacklevel=3
+        )
         for new_id, ann in enumerate(cleaned, start=1):
             ann["id"] = new_id
     return cleaned

@@ -85,13 +85,17 @@ def generate_synthetic_coco(
 
 def _check_params(p: dict[str, Any]) -> None:
     if p["num_train"] < 1 or p["num_val"] < 1:
-        raise ConfigError(f"synthetic dataset needs num_train >= 1 and num_val >= 1, got {p['num_train']}, {p['num_val']}")
+        raise ConfigError(
+            f"synthetic dataset needs num_train >= 1 and num_val >= 1, got {p['num_train']}, {p['num_val']}"
+        )
     if p["image_size"] < 32:
         raise ConfigError(f"synthetic image_size must be >= 32, got {p['image_size']}")
     if p["seed"] < 0:
         raise ConfigError(f"synthetic seed must be >= 0, got {p['seed']}")
     if not 1 <= p["min_objects"] <= p["max_objects"]:
-        raise ConfigError(f"synthetic needs 1 <= min_objects <= max_objects, got {p['min_objects']}, {p['max_objects']}")
+        raise ConfigError(
+            f"synthetic needs 1 <= min_objects <= max_objects, got {p['min_objects']}, {p['max_objects']}"
+        )
 
 
 def _matches(params_file: Path, params: dict[str, Any]) -> bool:
@@ -113,7 +117,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _generate_split(images_dir: Path, split: str, split_index: int, count: int, params: dict[str, Any]) -> dict:
+def _generate_split(
+    images_dir: Path, split: str, split_index: int, count: int, params: dict[str, Any]
+) -> dict:
     images, annotations = [], []
     size = params["image_size"]
     for image_id in range(1, count + 1):
@@ -135,11 +141,18 @@ def _generate_split(images_dir: Path, split: str, split_index: int, count: int, 
                 }
             )
     return {
-        "info": {"description": "oddetr synthetic shapes", "split": split, "seed": params["seed"], "version": _VERSION},
+        "info": {
+            "description": "oddetr synthetic shapes",
+            "split": split,
+            "seed": params["seed"],
+            "version": _VERSION,
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPE_CLASSES)],
+        "categories": [
+            {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPE_CLASSES)
+        ],
     }
 
 

@@ -142,7 +142,9 @@ def build_transforms(
     """
     scales = [int(s) for s in scales]
     if not scales or min(scales) < 1 or max_size < 1:
-        raise ValueError(f"scales must be positive and non-empty and max_size positive, got {scales}, {max_size}")
+        raise ValueError(
+            f"scales must be positive and non-empty and max_size positive, got {scales}, {max_size}"
+        )
     steps: list[v2.Transform] = [v2.ToImage()]
     if train:
         if flip:

@@ -80,7 +80,13 @@ class VocDetection(DetectionDataset):
                 )
         cleaner.warn(f"{self.root / 'Annotations'} (split {split})")
         super().__init__(
-            self.root / "JPEGImages", images, annotations, categories, transforms, cleaner.dropped, cleaner.clipped
+            self.root / "JPEGImages",
+            images,
+            annotations,
+            categories,
+            transforms,
+            cleaner.dropped,
+            cleaner.clipped,
         )
 
 
@@ -122,21 +128,31 @@ def _parse_xml(xml_path: Path, name_to_id: dict[str, int]) -> tuple[dict[str, An
     for k, obj in enumerate(root.iter("object")):
         name = _text(obj, "name")
         if name not in name_to_id:
-            raise DataError(f"{xml_path}: object #{k} has class {name!r}, which is not in the dataset classes")
+            raise DataError(
+                f"{xml_path}: object #{k} has class {name!r}, which is not in the dataset classes"
+            )
         bndbox = obj.find("bndbox")
         coords = [None if bndbox is None else _text(bndbox, tag) for tag in ("xmin", "ymin", "xmax", "ymax")]
         try:
             box = [float(c) for c in coords]  # type: ignore[arg-type]  # None -> TypeError
         except (TypeError, ValueError) as err:
-            raise DataError(f"{xml_path}: object #{k} ({name}) needs a <bndbox> with numeric xmin/ymin/xmax/ymax") from err
+            raise DataError(
+                f"{xml_path}: object #{k} ({name}) needs a <bndbox> with numeric xmin/ymin/xmax/ymax"
+            ) from err
         difficult = _text(obj, "difficult")
-        objects.append({"category_id": name_to_id[name], "box": box, "difficult": difficult in ("1", "1.0", "true")})
+        objects.append(
+            {"category_id": name_to_id[name], "box": box, "difficult": difficult in ("1", "1.0", "true")}
+        )
     return {"filename": _text(root, "filename"), "width": width, "height": height}, objects
 
 
-def _find_image(images_dir: Path, voc_id: str, xml_filename: str | None, xml_path: Path, image_id: int) -> str:
+def _find_image(
+    images_dir: Path, voc_id: str, xml_filename: str | None, xml_path: Path, image_id: int
+) -> str:
     """File name under ``JPEGImages``: ``<id>.jpg``, else the XML's ``<filename>``."""
     for candidate in (f"{voc_id}.jpg", xml_filename):
         if candidate and (images_dir / candidate).is_file():
             return candidate
-    raise DataError(f"image file not found: {images_dir / f'{voc_id}.jpg'} (image id {image_id}, for {xml_path})")
+    raise DataError(
+        f"image file not found: {images_dir / f'{voc_id}.jpg'} (image id {image_id}, for {xml_path})"
+    )
