@@ -29,6 +29,8 @@ class BackboneConfig:
     weights: str | None = None  # local torchvision state-dict file; never downloaded
     trainable_layers: int = 3
     lr_mult: float = 0.1
+    # frozen_bn: the DETR default for pretrained weights; bn: trainable BatchNorm, for training from scratch
+    norm: Literal["frozen_bn", "bn"] = "frozen_bn"
 
 
 @dataclass
@@ -134,7 +136,8 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     eval_every: int = 1
     max_steps_per_epoch: int = 0  # 0: the whole epoch
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # epoch_*.pt files kept (0: none; last.pt is always written)
+    save_best: bool = True
     max_nonfinite_steps: int = 5
     instability_probe: int = 256
 
@@ -184,12 +187,18 @@ class Config:
                 raise ConfigError(f"config key 'distill.aux_stages' has stages {bad} outside [0, {m.dec_layers})")
         for split in ("train", "val"):
             _validate_split(getattr(self.data, split), f"data.{split}")
+        formats = {self.data.train.format == "synthetic", self.data.val.format == "synthetic"}
+        if len(formats) == 2:
+            raise ConfigError("data.train and data.val must both be given (or both left to the synthetic set); "
+                              f"got data.train.format={self.data.train.format}, data.val.format={self.data.val.format}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def _validate_split(split: DataSplitConfig, prefix: str) -> None:
+    if split.format == "synthetic" and (split.images or split.annotations):
+        split.format = "coco"  # giving COCO paths selects COCO
     if split.format == "coco":
         for key in ("images", "annotations"):
             if not getattr(split, key):

@@ -218,3 +218,12 @@ def test_eval_transform_resizes_and_keeps_normalised_boxes(make_coco):
     assert target["orig_size"].tolist() == [32, 40]
     json_boxes = torch.tensor([a["bbox"] for a in basic_coco()["annotations"][:2]])
     torch.testing.assert_close(_absolute_xywh(target) / 2, json_boxes)
+
+
+def test_duplicate_annotation_ids_are_renumbered(make_coco):
+    data = basic_coco()
+    data["annotations"][1]["id"] = 1
+    images_dir, ann_file = make_coco(data)
+    with pytest.warns(UserWarning, match="annotation ids are missing, duplicated or < 1"):
+        ds = CocoDetection(images_dir, ann_file)
+    assert [a["id"] for a in ds.coco_gt()["annotations"]] == [1, 2, 3, 4]

@@ -126,3 +126,17 @@ def test_errors_are_one_line_and_name_the_file(voc_root, case):
     assert "\n" not in message
     for needle in needles:
         assert needle in message
+
+
+def test_size_read_from_image_when_xml_has_none(voc_root):
+    xml = voc_root / "Annotations" / "img_c.xml"
+    xml.write_text(
+        xml.read_text().replace("<size><width>32</width><height>32</height><depth>3</depth></size>", "")
+    )
+    (voc_root / "ImageSets" / "Main" / "c.txt").write_text("img_c\n")
+    assert VocDetection(voc_root, "c").coco_gt()["images"][0] == {
+        "id": 1,
+        "width": 32,
+        "height": 32,
+        "file_name": "img_c.jpg",
+    }

@@ -25,9 +25,9 @@ from oddetr.data.images import load_image
 from oddetr.data.transforms import default_transforms
 from oddetr.errors import DataError
 
-__all__ = ["BoxCleaner", "CocoDetection", "DetectionDataset", "Transform"]
+__all__ = ["BoxCleaner", "CocoDetection", "DetectionDataset", "TransformFn"]
 
-Transform = Callable[[Any, tv_tensors.BoundingBoxes, torch.Tensor], tuple[torch.Tensor, Any, torch.Tensor]]
+TransformFn = Callable[[Any, tv_tensors.BoundingBoxes, torch.Tensor], tuple[torch.Tensor, Any, torch.Tensor]]
 """``(PIL image, BoundingBoxes (N, 4) XYXY absolute, labels (N,)) -> (image (3, H, W), boxes, labels)``."""
 
 
@@ -86,14 +86,14 @@ class DetectionDataset(Dataset):
         images: Sequence[dict[str, Any]],
         annotations: Sequence[dict[str, Any]],
         categories: Sequence[dict[str, Any]],
-        transforms: Transform | None = None,
+        transforms: TransformFn | None = None,
         dropped_boxes: int = 0,
         clipped_boxes: int = 0,
     ) -> None:
         """images: ``{"id", "file_name", "width", "height"}``; annotations: cleaned, COCO ``bbox`` xywh
         absolute inside the image, with ``id``, ``image_id``, ``category_id``, ``area``, ``iscrowd``."""
         self.images_dir = Path(images_dir)
-        self.transforms: Transform = transforms if transforms is not None else default_transforms()
+        self.transforms: TransformFn = transforms if transforms is not None else default_transforms()
         self.categories = [
             {"id": int(c["id"]), "name": str(c["name"])} for c in sorted(categories, key=lambda c: c["id"])
         ]
@@ -129,6 +129,7 @@ class DetectionDataset(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """-> image (3, H, W) float32 normalised, target dict (see the class docstring)."""
         info = self._images[index]
         image_id = info["id"]
         path = self.images_dir / info["file_name"]
@@ -187,7 +188,7 @@ class CocoDetection(DetectionDataset):
     """
 
     def __init__(
-        self, images_dir: str | Path, annotations_file: str | Path, transforms: Transform | None = None
+        self, images_dir: str | Path, annotations_file: str | Path, transforms: TransformFn | None = None
     ) -> None:
         self.annotations_file = Path(annotations_file)
         src = str(annotations_file)

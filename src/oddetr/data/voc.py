@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from oddetr.data.coco import BoxCleaner, DetectionDataset, Transform
+from oddetr.data.coco import BoxCleaner, DetectionDataset, TransformFn
 from oddetr.data.images import read_image_size
 from oddetr.errors import DataError
 
@@ -40,7 +40,7 @@ class VocDetection(DetectionDataset):
         self,
         root: str | Path,
         split: str,
-        transforms: Transform | None = None,
+        transforms: TransformFn | None = None,
         classes: Sequence[str] | None = None,
     ) -> None:
         self.root = Path(root)

@@ -20,14 +20,14 @@ from oddetr.distill.distiller import OnlineDistiller
 from oddetr.engine import distributed as dist
 from oddetr.engine.checkpoint import atomic_save, prune_checkpoints, rng_state, safe_load, set_rng_state
 from oddetr.engine.data import build_dataset, check_same_categories, make_loader
-from oddetr.engine.evaluate import autocast_context, evaluate, move_batch, probe_assignment
+from oddetr.engine.evaluate import evaluate, move_batch, probe_assignment
+from oddetr.engine.step import compute_losses
 from oddetr.engine.optim import build_optimizer, build_scheduler
 from oddetr.engine.run_dir import MetricsLogger, prepare_run_dir, write_config
 from oddetr.engine.sampler import EpochSampler
 from oddetr.errors import ConfigError, DataError, TrainingError
 from oddetr.evaluation.instability import instability, select_probe_indices
 from oddetr.losses.criterion import SetCriterion, summarize_losses
-from oddetr.losses.detection import detection_losses
 from oddetr.models.detector import build_model
 
 CHECKPOINT_FORMAT = "oddetr-checkpoint-v1"
@@ -211,15 +211,8 @@ class Trainer:
         n_boxes = sum(len(t["labels"]) for t in targets)
         num_boxes = max(dist.all_reduce_sum(n_boxes, self.device) / dist.world_size(), 1.0)
         try:
-            with autocast_context(self.device, cfg.train.amp):
-                plan = self.distiller.prepare(images, masks, targets) if self.distiller else None
-                out = model(images, masks, extra_groups=plan.groups if plan else ())
-            losses, assignments = detection_losses(self.criterion, out, targets, num_boxes, context)
-            weights: dict[str, float] = {}
-            if plan is not None:
-                losses.update(self.distiller.losses(out, targets, num_boxes, plan, assignments))
-                weights = self.distiller.group_weights()
-            total = self.criterion.total(losses, weights)
+            losses, total = compute_losses(model, self.criterion, self.distiller, images, masks, targets, num_boxes,
+                                           cfg.train.amp, context)
         except TrainingError as err:  # non-finite matching cost
             self.last_nonfinite = str(err)
             return False, {}, None
@@ -303,9 +296,10 @@ class Trainer:
         if improved:
             self.best = record[key]
             state["best"] = self.best
-        atomic_save(state, self.run_dir / f"epoch_{self.epoch:03d}.pt")
-        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        if improved:
+        if self.cfg.train.keep_checkpoints > 0:
+            atomic_save(state, self.run_dir / f"epoch_{self.epoch:03d}.pt")
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        if improved and self.cfg.train.save_best:
             atomic_save(state, self.run_dir / "best.pt")
         atomic_save(state, self.run_dir / "last.pt")
         dist.barrier()

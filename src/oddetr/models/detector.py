@@ -44,7 +44,7 @@ class DeformableDETR(nn.Module):
         n_levels = cfg.num_feature_levels
         strides = (8, 16, 32)[-min(n_levels, 3):]
         self.backbone = Backbone(cfg.backbone.name, return_strides=strides, weights=cfg.backbone.weights,
-                                 trainable_layers=cfg.backbone.trainable_layers)
+                                 trainable_layers=cfg.backbone.trainable_layers, norm=cfg.backbone.norm)
         in_channels = list(self.backbone.num_channels)
         proj = [nn.Sequential(nn.Conv2d(c, d, 1), _group_norm(d)) for c in in_channels]
         last = in_channels[-1]

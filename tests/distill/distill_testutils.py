@@ -1,0 +1,62 @@
+"""Shared builders for the OD-DETR distillation tests (tiny models, random images, targets)."""
+
+from __future__ import annotations
+
+import torch
+
+from oddetr.config import Config, resolve_config
+from oddetr.distill.distiller import OnlineDistiller
+from oddetr.losses.criterion import SetCriterion
+from oddetr.models.detector import DeformableDETR, build_model
+
+NUM_CLASSES = 3
+
+TINY = [
+    "model=deformable-detr-tiny",
+    "model.d_model=32",
+    "model.nheads=2",
+    "model.enc_layers=1",
+    "model.dec_layers=2",
+    "model.dim_feedforward=64",
+    "model.num_queries=8",
+    "model.dropout=0.0",
+    "distill.enabled=true",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    return resolve_config(overrides=TINY + list(overrides))
+
+
+def tiny_model(cfg: Config, seed: int = 0) -> DeformableDETR:
+    torch.manual_seed(seed)
+    return build_model(cfg.model, NUM_CLASSES)
+
+
+def tiny_setup(*overrides: str, seed: int = 0) -> tuple[Config, DeformableDETR, SetCriterion, OnlineDistiller]:
+    cfg = tiny_config(*overrides)
+    model = tiny_model(cfg, seed)
+    criterion = SetCriterion(cfg.loss)
+    return cfg, model, criterion, OnlineDistiller(model, cfg, criterion)
+
+
+def images_and_masks(batch: int = 2, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g), torch.zeros(batch, size, size, dtype=torch.bool)
+
+
+def fixed_targets() -> list[dict]:
+    """Two images: 3 GT boxes (classes 0, 2, 0) and 1 GT box (class 1)."""
+    return [
+        {"labels": torch.tensor([0, 2, 0]),
+         "boxes": torch.tensor([[0.30, 0.30, 0.20, 0.25], [0.65, 0.60, 0.30, 0.40], [0.50, 0.75, 0.40, 0.20]]),
+         "image_id": 0},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.50, 0.50, 0.40, 0.40]]), "image_id": 1},
+    ]
+
+
+def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 4) cxcywh boxes inside [0, 1]."""
+    wh = torch.rand(n, 2, generator=generator) * 0.4 + 0.05
+    c = wh / 2 + torch.rand(n, 2, generator=generator) * (1 - wh)
+    return torch.cat([c, wh], -1)
