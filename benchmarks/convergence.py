@@ -33,10 +33,11 @@ VARIANTS: dict[str, list[str]] = {
 
 # the benchmark's data and schedule: small enough that 18 runs fit in well under 90 min on 2 cores
 BENCH_OVERRIDES = [
-    "data.synthetic.num_train=256", "data.synthetic.num_val=64", "data.synthetic.image_size=96",
-    "data.synthetic.max_objects=8", "data.scales=[80,88,96,104]", "data.max_size=128",
-    "data.num_workers=0", "train.batch_size=8", "train.warmup_steps=50", "train.instability_probe=64",
-    "eval.batch_size=32", "train.keep_checkpoints=0", "train.save_best=false", "distill.ema_decay=0.99", "distill.ema_tau=50", "distill.warmup_steps=50",
+    "data.synthetic.num_train=256", "data.synthetic.num_val=64", "data.synthetic.image_size=64",
+    "data.synthetic.max_objects=6", "data.scales=[56,64,72]", "data.max_size=96",
+    "data.num_workers=0", "train.batch_size=8", "train.warmup_steps=30", "train.instability_probe=64",
+    "eval.batch_size=32", "train.keep_checkpoints=0", "train.save_best=false",
+    "distill.ema_decay=0.98", "distill.ema_tau=30", "distill.warmup_steps=30",
 ]
 
 
@@ -163,10 +164,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["deformable-detr-tiny"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="docs")
-    parser.add_argument("--data-root", default="~/.cache/oddetr/synthetic-bench")
+    parser.add_argument("--data-root", default="~/.cache/oddetr/synthetic-bench64")
     parser.add_argument("--runs", default="runs/convergence", help="where the individual runs go (not committed)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()

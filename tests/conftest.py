@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from oddetr.config import Config, resolve_config
@@ -224,3 +225,18 @@ def visible_stderr_lines(text: str) -> list[str]:
 @pytest.fixture(scope="session")
 def stderr_lines() -> Callable[[str], list[str]]:
     return visible_stderr_lines
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread (restored afterwards).
+
+    Training results then do not depend on the machine's core count, and on a shared 2-core
+    machine one thread is several times faster than two oversubscribed ones.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
-from oddetr.box_ops import cxcywh_to_xyxy, inverse_sigmoid, paired_giou, paired_iou, scale_boxes, xyxy_to_cxcywh
+from oddetr.box_ops import (
+    cxcywh_to_xyxy,
+    inverse_sigmoid,
+    paired_giou,
+    paired_iou,
+    scale_boxes,
+    xyxy_to_cxcywh,
+)
 
 
 def _random_xyxy(n: int, seed: int) -> torch.Tensor:

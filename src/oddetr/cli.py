@@ -54,6 +54,7 @@ def _require(own: dict[str, str], key: str, command: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from oddetr.config import parse_overrides, resolve_config
+    from oddetr.engine import distributed as dist
     from oddetr.engine.run_dir import read_run_config
     from oddetr.engine.trainer import Trainer, format_ap_table
 
@@ -64,8 +65,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--resume needs output=DIR naming the run to continue")
         base = read_run_config(Path(str(output)))
     cfg = resolve_config(args.config, args.overrides, base=base)
-    trainer = Trainer(cfg, resume=args.resume)
-    record = trainer.fit()
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        record = trainer.fit()
+    finally:
+        dist.cleanup()  # under torchrun: leave the process group cleanly, on errors too
     if trainer.is_main:
         print(format_ap_table(record))
         print(f"run directory: {trainer.run_dir}")

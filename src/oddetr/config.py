@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +141,7 @@ class TrainConfig:
     save_best: bool = True
     max_nonfinite_steps: int = 5
     instability_probe: int = 256
+    log_steps: bool = False  # write steps.jsonl: every optimiser step's loss (mean over ranks) and lr
 
 
 @dataclass
@@ -261,6 +263,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads exponents without a dot (1e-4) as strings
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
         raise ConfigError(f"config key '{key}' got {value!r}, expected a number")
     if tp is str:
         if isinstance(value, str):
@@ -337,7 +346,7 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.epochs=3", "model=dino-tiny"]`` -> nested dict; values parsed as YAML scalars."""
+    """``["train.epochs=3", "model=dino-tiny"]`` -> nested dict; values parsed as YAML scalars (``None`` = null)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -350,6 +359,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        if value in ("None", "none"):  # Python's spelling of YAML's null / ~
+            value = None
         if key == "model" and isinstance(value, str):
             key = "preset"
         node = out

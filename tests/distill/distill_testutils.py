@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from oddetr.config import Config, resolve_config
@@ -28,9 +32,16 @@ def tiny_config(*overrides: str) -> Config:
     return resolve_config(overrides=TINY + list(overrides))
 
 
+_BUILT: dict[tuple[str, int], DeformableDETR] = {}
+
+
 def tiny_model(cfg: Config, seed: int = 0) -> DeformableDETR:
-    torch.manual_seed(seed)
-    return build_model(cfg.model, NUM_CLASSES)
+    """A fresh model for ``cfg.model`` (built once per model config and seed, then deep-copied)."""
+    key = (repr(cfg.model), seed)
+    if key not in _BUILT:
+        torch.manual_seed(seed)
+        _BUILT[key] = build_model(cfg.model, NUM_CLASSES)
+    return copy.deepcopy(_BUILT[key])
 
 
 def tiny_setup(*overrides: str, seed: int = 0) -> tuple[Config, DeformableDETR, SetCriterion, OnlineDistiller]:
@@ -60,3 +71,15 @@ def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
     wh = torch.rand(n, 2, generator=generator) * 0.4 + 0.05
     c = wh / 2 + torch.rand(n, 2, generator=generator) * (1 - wh)
     return torch.cat([c, wh], -1)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread (these tiny models gain nothing from more, and on a shared
+    2-core machine extra OpenMP threads make them several times slower); restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the usual permissions
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -49,17 +51,32 @@ def safe_load(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the unpickler's notes on pickle protocols: the outcome says it all
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain "
-                              f"containers (weights_only load failed: {first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {first}") from None
+                              f"containers (weights_only load failed: {_reason(err)})") from None
+    except Exception as err:  # a damaged file fails anywhere in the unpickler (IndexError, TypeError, ...)
+        raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {_reason(err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict")
     return obj
+
+
+def _reason(err: BaseException) -> str:
+    """The informative line of a torch.load error (not its boilerplate about the weights_only default)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(boilerplate)]
+    line = (useful or lines or [type(err).__name__])[0]
+    return line.removeprefix("WeightsUnpickler error: ") or type(err).__name__
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,7 +106,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` ``epoch_*.pt`` files (``last.pt`` and ``best.pt`` are never pruned)."""
-    files = sorted(run_dir.glob("epoch_*.pt"))
+    """Keep the newest ``keep`` ``epoch_<N>.pt`` files (``last.pt`` and ``best.pt`` are never pruned)."""
+    numbered = [f for f in run_dir.glob("epoch_*.pt") if f.stem[len("epoch_"):].isdigit()]
+    files = sorted(numbered, key=lambda f: int(f.stem[len("epoch_"):]))  # by number: epoch_1000 after epoch_999
     for old in files[: max(0, len(files) - keep)]:
         old.unlink()

@@ -49,6 +49,15 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on every rank (one collective decision, e.g. to skip a step together)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
 def all_reduce_mean_dict(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Mean of each entry over ranks (same keys on every rank)."""
     if not is_distributed():

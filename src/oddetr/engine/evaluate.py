@@ -53,17 +53,15 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, coco_gt
              label_to_cat_id: Sequence[int], max_detections: int = 100, amp: str = "none") -> dict[str, float]:
     """COCO metrics of ``model`` on ``loader``'s dataset, gathered over ranks (same result everywhere)."""
     local = predict_detections(model, loader, device, label_to_cat_id, max_detections, amp)
-    gathered = [d for part in dist.gather_objects(local) for d in part]
-    # the sampler may repeat a few images to even out ranks: keep one detection list per image
-    seen, unique = set(), []
-    for part in dist.gather_objects(sorted({d["image_id"] for d in local})):
-        seen.update(part)
-    by_image: dict[int, list[dict]] = {}
-    for d in gathered:
-        by_image.setdefault(d["image_id"], []).append(d)
-    for image_id in sorted(by_image):
-        dets = by_image[image_id]
-        unique.extend(dets[:max_detections] if len(dets) > max_detections else dets)
+    per_image: dict[int, list[dict]] = {}
+    for d in local:
+        per_image.setdefault(d["image_id"], []).append(d)
+    # the sampler pads ranks by repeating a few images: keep each image's detections once
+    merged: dict[int, list[dict]] = {}
+    for part in dist.gather_objects(per_image):
+        for image_id, dets in part.items():
+            merged.setdefault(image_id, dets)
+    unique = [d for image_id in sorted(merged) for d in merged[image_id]]
     return evaluate_coco(coco_gt, unique)
 
 

@@ -18,6 +18,8 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (path / "last.pt").is_file():
             raise ConfigError(f"--resume: no checkpoint {path / 'last.pt'} to resume from")
+        for stale in path.glob(".*.pt.*.tmp"):  # half-written checkpoints of a run killed while saving
+            stale.unlink()
         return
     if path.exists() and any(path.iterdir()):
         if not overwrite:
@@ -67,15 +69,34 @@ class MetricsLogger:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"step/{key}", value, step)
 
+    def log_step_record(self, record: dict[str, Any]) -> None:
+        """Append one optimiser step's record (``epoch``, ``step``, ``loss``, ...) to ``steps.jsonl``."""
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path / "steps.jsonl", "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+
     def truncate_after(self, epoch: int) -> None:
         """On resume, drop records of epochs after the checkpoint's (a run killed mid-way)."""
-        file = self.path / "metrics.jsonl"
-        if not self.enabled or not file.is_file():
+        if not self.enabled:
             return
-        lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epoch]
-        file.write_text("".join(ln + "\n" for ln in kept))
+        for name in ("metrics.jsonl", "steps.jsonl"):
+            file = self.path / name
+            if not file.is_file():
+                continue
+            lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if _epoch_of(ln) <= epoch]
+            file.write_text("".join(ln + "\n" for ln in kept))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _epoch_of(line: str) -> float:
+    """The ``epoch`` of a JSONL record; a line cut short by a killed run counts as after every epoch."""
+    try:
+        return json.loads(line).get("epoch", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import random
 import sys
 import time
@@ -21,12 +20,13 @@ from oddetr.engine import distributed as dist
 from oddetr.engine.checkpoint import atomic_save, prune_checkpoints, rng_state, safe_load, set_rng_state
 from oddetr.engine.data import build_dataset, check_same_categories, make_loader
 from oddetr.engine.evaluate import evaluate, move_batch, probe_assignment
-from oddetr.engine.step import compute_losses
 from oddetr.engine.optim import build_optimizer, build_scheduler
 from oddetr.engine.run_dir import MetricsLogger, prepare_run_dir, write_config
 from oddetr.engine.sampler import EpochSampler
+from oddetr.engine.step import compute_losses
 from oddetr.errors import ConfigError, DataError, TrainingError
 from oddetr.evaluation.instability import instability, select_probe_indices
+from oddetr.evaluation.plots import plot_metrics
 from oddetr.losses.criterion import SetCriterion, summarize_losses
 from oddetr.models.detector import build_model
 
@@ -105,11 +105,12 @@ class Trainer:
         self.steps_per_epoch = max(1, batches // cfg.train.grad_accum)
         self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
-        self.distiller = OnlineDistiller(self.model, cfg, self.criterion) if cfg.distill.enabled else None
         self.ddp = None
         if dist.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        # after DDP, which broadcasts rank 0's weights: every rank's teacher starts from the same student
+        self.distiller = OnlineDistiller(self.model, cfg, self.criterion) if cfg.distill.enabled else None
 
         # ---- state
         self.epoch = 0
@@ -139,6 +140,7 @@ class Trainer:
                 self.save_checkpoints(record)
                 if self.is_main:
                     print_epoch_summary(record, file=sys.stderr)
+                    plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
         finally:
             self.logger.close()
         return record
@@ -155,40 +157,51 @@ class Trainer:
         bar = tqdm(total=self.batches_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
                    disable=not self.is_main, leave=False, dynamic_ncols=True, file=sys.stderr)
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(self.train_loader):
-            if i >= self.batches_per_epoch:
-                break
-            images_b, masks, targets = move_batch(*batch, self.device)
-            ok, losses, total = self.forward_losses(model, images_b, masks, targets, i)
-            if ok:
-                self.scaler.scale(total / cfg.train.grad_accum).backward()
-                if (i + 1) % cfg.train.grad_accum == 0:
-                    ok = self.optimizer_step()
-            if not ok:
-                nonfinite += 1
-                consecutive += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                if consecutive >= cfg.train.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"training stopped at epoch {self.epoch + 1} step {self.step}: {consecutive} non-finite "
-                        f"steps in a row ({self.last_nonfinite}); the last good checkpoint is "
-                        f"{self.run_dir / 'last.pt'}")
+        try:  # close the bar on errors too, so that the CLI's one-line error starts its own line
+            for i, batch in enumerate(self.train_loader):
+                if i >= self.batches_per_epoch:
+                    break
+                images_b, masks, targets = move_batch(*batch, self.device)
+                step_index, lr = self.step, self.optimizer.param_groups[-1]["lr"]
+                # the forward pass updates BatchNorm statistics: a skipped step must not keep them
+                buffers = [b.detach().clone() for b in self.model.buffers()]
+                ok, losses, total = self.forward_losses(model, images_b, masks, targets, i)
+                if ok:
+                    self.scaler.scale(total / cfg.train.grad_accum).backward()
+                    if (i + 1) % cfg.train.grad_accum == 0:
+                        ok = self.optimizer_step()
+                if not ok:
+                    nonfinite += 1
+                    consecutive += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for b, saved in zip(self.model.buffers(), buffers):
+                            b.copy_(saved)
+                    if consecutive >= cfg.train.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"training stopped at epoch {self.epoch + 1} step {self.step}: {consecutive} non-finite "
+                            f"steps in a row ({self.last_nonfinite}); the last good checkpoint is "
+                            f"{self.run_dir / 'last.pt'}")
+                    bar.update(1)
+                    continue
+                consecutive = 0
+                count += 1
+                images += images_b.shape[0]
+                for key, value in summarize_losses(losses).items():
+                    totals[key] = totals.get(key, 0.0) + value
+                totals["loss"] = totals.get("loss", 0.0) + float(total.detach())
+                if cfg.train.log_steps:  # every rank takes part in the mean; rank 0 writes it
+                    mean_loss = dist.all_reduce_sum(float(total.detach()), self.device) / dist.world_size()
+                    self.logger.log_step_record({"epoch": self.epoch + 1, "step": step_index, "loss": mean_loss,
+                                                 "lr": lr})
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{float(total.detach()):.3f}", lr=f"{lr:.2e}",
+                                img_s=f"{images * dist.world_size() / max(elapsed, 1e-9):.1f}")
                 bar.update(1)
-                continue
-            consecutive = 0
-            count += 1
-            images += images_b.shape[0]
-            for key, value in summarize_losses(losses).items():
-                totals[key] = totals.get(key, 0.0) + value
-            totals["loss"] = totals.get("loss", 0.0) + float(total.detach())
-            elapsed = time.perf_counter() - start
-            lr = self.optimizer.param_groups[-1]["lr"]
-            bar.set_postfix(loss=f"{float(total.detach()):.3f}", lr=f"{lr:.2e}",
-                            img_s=f"{images * dist.world_size() / max(elapsed, 1e-9):.1f}")
-            bar.update(1)
-            if self.is_main and self.step % 20 == 0:
-                self.logger.log_step(self.step, {"loss": float(total.detach()), "lr": lr})
-        bar.close()
+                if self.is_main and self.step % 20 == 0:
+                    self.logger.log_step(self.step, {"loss": float(total.detach()), "lr": lr})
+        finally:
+            bar.close()
         elapsed = time.perf_counter() - start
         self.nonfinite_total += nonfinite
         stats = {f"train/{k}": v / max(count, 1) for k, v in totals.items()}
@@ -215,9 +228,15 @@ class Trainer:
                                            cfg.train.amp, context)
         except TrainingError as err:  # non-finite matching cost
             self.last_nonfinite = str(err)
-            return False, {}, None
-        if not torch.isfinite(total):
-            self.last_nonfinite = f"non-finite loss at {context}"
+            losses, total = {}, None
+        else:
+            if not torch.isfinite(total):
+                self.last_nonfinite = f"non-finite loss at {context}"
+        finite = total is not None and bool(torch.isfinite(total))
+        # ranks skip together: one rank leaving out backward() would leave DDP's gradient all-reduce hanging
+        if not dist.all_true(finite, self.device):
+            if finite:
+                self.last_nonfinite = f"non-finite loss on another rank at {context}"
             return False, losses, total
         return True, losses, total
 
@@ -287,10 +306,14 @@ class Trainer:
         }
 
     def save_checkpoints(self, record: dict[str, Any]) -> None:
+        # every rank's RNG streams (augmentation, dropout), so that a resumed run continues each of them
+        rank_rngs = dist.gather_objects(rng_state()) if dist.is_distributed() else None
         if not self.is_main:
             dist.barrier()
             return
         state = self.checkpoint_state()
+        if rank_rngs is not None:
+            state["rng_ranks"] = rank_rngs
         key = ("teacher" if self.distiller else "student") + "/AP"
         improved = key in record and record[key] > self.best
         if improved:
@@ -321,7 +344,13 @@ class Trainer:
         self.previous_assignment = {
             k: {(int(key.split(":")[0]), int(key.split(":")[1])): q for key, q in v.items()}
             for k, v in state.get("previous_assignment", {}).items()}
-        set_rng_state(state["rng"])
+        rank_rngs = state.get("rng_ranks") or [state["rng"]]
+        if len(rank_rngs) == dist.world_size():
+            set_rng_state(rank_rngs[dist.rank()])
+        else:  # another number of processes than the run had: continue rank 0's streams, fresh ones elsewhere
+            set_rng_state(state["rng"])
+            if dist.rank() > 0:
+                seed_everything(self.cfg.seed + dist.rank() + 1_000_003 * self.epoch)
 
 
 def print_epoch_summary(record: dict[str, Any], file=sys.stderr) -> None:
