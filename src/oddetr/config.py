@@ -51,6 +51,29 @@ class ModelConfig:
     box_refine: bool = True
     two_stage: bool = False
     num_classes: int = 0  # 0: taken from the training data's categories
+    # start from these weights: a Hugging Face Deformable-DETR directory, an official Deformable-DETR / DINO
+    # .pth or an oddetr checkpoint (class heads re-initialised for another class count; docs/WEIGHTS.md)
+    init_weights: str | None = None
+    # DINO's contrastive denoising (training only): positive/negative pairs per GT copy budget
+    # (DINO's dn_number; the batch's GTs are repeated dn_queries // max GT count times); 0 = off
+    dn_queries: int = 0
+    dn_label_noise: float = 0.5  # a DN query's label is resampled with probability dn_label_noise / 2
+    dn_box_noise: float = 1.0  # lambda: positives move corners < lambda * half size, negatives [lambda, 2 lambda)
+    look_forward_twice: bool = False  # DINO: layer l's box loss also trains layer l-1's box head
+
+    def __post_init__(self) -> None:
+        if self.arch == "dino" and not self.two_stage:
+            raise ConfigError("model.arch=dino needs model.two_stage=true (mixed query selection starts from "
+                              "the encoder's proposals)")
+        if self.arch == "dab-deformable-detr" and self.two_stage:
+            raise ConfigError("model.arch=dab-deformable-detr takes learned anchors: set model.two_stage=false "
+                              "(or use model.arch=dino for encoder proposals)")
+        if self.dn_queries < 0:
+            raise ConfigError(f"config key 'model.dn_queries' must be >= 0, got {self.dn_queries}")
+        if not 0.0 <= self.dn_label_noise <= 1.0:
+            raise ConfigError(f"config key 'model.dn_label_noise' must be in [0, 1], got {self.dn_label_noise}")
+        if self.dn_box_noise < 0.0:
+            raise ConfigError(f"config key 'model.dn_box_noise' must be >= 0, got {self.dn_box_noise}")
 
 
 @dataclass

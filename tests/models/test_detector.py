@@ -21,6 +21,7 @@ NUM_CLASSES = 3
 D = 32  # tiny_config's d_model
 L = 2  # decoder layers
 Q = 10  # queries
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(seed: int = 0):

@@ -52,7 +52,9 @@ class OnlineDistiller:
         self.md_on_main = self.cfg.md and not cfg.model.two_stage
         self.md_on_pd = self.cfg.md and (cfg.model.two_stage or self.cfg.pd)
         self.uses_pd_group = self.cfg.pd or self.md_on_pd
-        self.learned_positions = not cfg.model.two_stage
+        # AUX queries reuse the teacher's learned positional queries only where the model has them
+        # (Deformable-DETR); DAB anchors and two-stage / DINO queries derive them from the reference
+        self.learned_positions = cfg.model.arch == "deformable-detr" and not cfg.model.two_stage
 
     # ------------------------------------------------------------------ schedule
 

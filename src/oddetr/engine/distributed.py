@@ -69,6 +69,14 @@ def all_reduce_mean_dict(values: dict[str, float], device: torch.device) -> dict
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) of ``module`` to every rank."""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (a list of one item when not distributed)."""
     if not is_distributed():

@@ -21,10 +21,15 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
         for stale in path.glob(".*.pt.*.tmp"):  # half-written checkpoints of a run killed while saving
             stale.unlink()
         return
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output={path} is a file, not a directory")
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise ConfigError(f"output directory {path} exists and is not empty; pass --resume to continue "
                               "that run, overwrite=true to replace it, or another output=DIR")
+        if not (path / "config.yaml").is_file():  # overwrite=true deletes runs, never other folders
+            raise ConfigError(f"overwrite=true: refusing to delete {path}: it is not an oddetr run directory "
+                              "(no config.yaml); pick another output=DIR")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
 

@@ -23,7 +23,8 @@ def compute_losses(model: nn.Module, criterion: SetCriterion, distiller: OnlineD
     """
     with autocast_context(images.device, amp):
         plan = distiller.prepare(images, masks, targets) if distiller is not None else None
-        out = model(images, masks, extra_groups=plan.groups if plan is not None else ())
+        # targets: the student builds its denoising groups from them (DINO; training only)
+        out = model(images, masks, extra_groups=plan.groups if plan is not None else (), targets=targets)
     losses, assignments = detection_losses(criterion, out, targets, num_boxes, context)
     weights: dict[str, float] = {}
     if plan is not None:

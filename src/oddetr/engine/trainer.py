@@ -20,6 +20,7 @@ from oddetr.engine import distributed as dist
 from oddetr.engine.checkpoint import atomic_save, prune_checkpoints, rng_state, safe_load, set_rng_state
 from oddetr.engine.data import build_dataset, check_same_categories, make_loader
 from oddetr.engine.evaluate import evaluate, move_batch, probe_assignment
+from oddetr.engine.init_weights import load_init_weights
 from oddetr.engine.optim import build_optimizer, build_scheduler
 from oddetr.engine.run_dir import MetricsLogger, prepare_run_dir, write_config
 from oddetr.engine.sampler import EpochSampler
@@ -96,6 +97,9 @@ class Trainer:
                               "categories of the training data")
         self.num_classes = num_classes
         self.model = build_model(cfg.model, num_classes).to(self.device)
+        if cfg.model.init_weights and not resume:  # converted / earlier weights; class heads fit num_classes
+            load_init_weights(self.model, cfg.model.init_weights, cfg.model,
+                              self.run_dir if self.is_main else None)
         self.criterion = SetCriterion(cfg.loss)
         self.optimizer = build_optimizer(self.model, cfg)
         batches = len(self.train_loader)
@@ -133,6 +137,11 @@ class Trainer:
             while self.epoch < self.cfg.train.epochs:
                 train_stats = self.train_one_epoch()
                 self.epoch += 1
+                # each rank's BatchNorm statistics (student, and the teacher's copies) follow its own batches:
+                # evaluate and save rank 0's everywhere, so that ranks agree and a resumed run continues exactly
+                dist.broadcast_buffers(self.model)
+                if self.distiller is not None:
+                    dist.broadcast_buffers(self.distiller.teacher.model)
                 record = {"epoch": self.epoch, "step": self.step, **train_stats}
                 if self.epoch % self.cfg.train.eval_every == 0 or self.epoch == self.cfg.train.epochs:
                     record.update(self.evaluate_all())

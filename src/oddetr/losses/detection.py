@@ -1,4 +1,4 @@
-"""The base detector's losses: main group at every decoder layer, plus two-stage proposals."""
+"""The base detector's losses: main group at every decoder layer, two-stage proposals, denoising."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from oddetr.models.outputs import DetectorOutput
 
 def detection_losses(criterion: SetCriterion, out: DetectorOutput, targets: Sequence[dict], num_boxes: float,
                      context: str = "") -> tuple[dict[str, torch.Tensor], list[Assignment]]:
-    """Student's own Hungarian matching per layer and its losses (``main/*``, ``enc/*``).
+    """Student's own Hungarian matching per layer and its losses (``main/*``, ``enc/*``, ``dn/*``).
 
     Returns the loss dict and the main group's per-layer assignments (reused by distillation
     and the instability metric).
@@ -24,4 +24,23 @@ def detection_losses(criterion: SetCriterion, out: DetectorOutput, targets: Sequ
         enc = criterion.matcher(out.encoder.logits, out.encoder.boxes, targets, context=f"{context} encoder".strip())
         losses.update(criterion.group_losses("enc", out.encoder.logits[None], out.encoder.boxes[None], targets,
                                              [enc], num_boxes))
+    if out.dn:
+        losses.update(denoising_losses(criterion, out, targets, num_boxes))
     return losses, assignments
+
+
+def denoising_losses(criterion: SetCriterion, out: DetectorOutput, targets: Sequence[dict],
+                     num_boxes: float) -> dict[str, torch.Tensor]:
+    """DINO's denoising losses (``dn/*``) at every supervised decoder layer, fixed assignments.
+
+    Positive DN queries regress and classify their own GT; negatives and padding are background
+    (focal / QFL over every DN query). Normalised by ``num_boxes * num_groups`` (each GT has one
+    positive per group), as DINO does.
+    """
+    meta = out.dn_meta
+    if meta is None:
+        raise ValueError("denoising outputs without their DenoisingMeta")
+    logits = torch.cat([g.logits for g in out.dn], 2)  # (L, B, N, C)
+    boxes = torch.cat([g.boxes for g in out.dn], 2)
+    return criterion.group_losses("dn", logits, boxes, targets, [meta.assignment] * logits.shape[0],
+                                  num_boxes * meta.num_groups)

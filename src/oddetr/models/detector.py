@@ -1,5 +1,14 @@
 """The one DETR-family detector: Deformable-DETR with switches.
 
+``model.arch`` picks the query initialiser (:mod:`oddetr.models.query_init`):
+
+- ``deformable-detr``: learned queries + reference points, or top-K encoder proposals
+  (``two_stage``); optional iterative box refinement (``box_refine``)
+- ``dab-deformable-detr``: learned content + learned 4-d anchor boxes, positional queries from
+  the anchors' sine embedding (``position_head``) every layer, anchors refined layer by layer
+- ``dino``: two-stage proposals with mixed query selection (proposal boxes as references,
+  learned content), ``look_forward_twice`` and contrastive denoising (``dn_queries``)
+
 It meets the small protocol every base model shares (DESIGN.md):
 
 - :meth:`encode` images -> :class:`Memory`
@@ -16,11 +25,21 @@ from torch import nn
 
 from oddetr.box_ops import inverse_sigmoid
 from oddetr.config import ModelConfig
+from oddetr.errors import ConfigError
 from oddetr.models.backbone import Backbone, downsample_mask
+from oddetr.models.denoising import build_denoising_groups
 from oddetr.models.heads import MLP, make_box_head, make_class_head, repeat_head
 from oddetr.models.ms_deform_attn import MSDeformAttn
-from oddetr.models.outputs import DetectorOutput, EncoderProposals, GroupOutput, Memory, QueryGroup
+from oddetr.models.outputs import (
+    DenoisingMeta,
+    DetectorOutput,
+    EncoderProposals,
+    GroupOutput,
+    Memory,
+    QueryGroup,
+)
 from oddetr.models.position_encoding import PositionEmbeddingSine, sine_embed
+from oddetr.models.query_init import anchor_queries, init_anchor_boxes, mixed_queries, select_proposals
 from oddetr.models.transformer import DeformableDecoder, DeformableEncoder
 
 
@@ -29,7 +48,7 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 
 class DeformableDETR(nn.Module):
-    """Deformable-DETR (optionally with box refinement and two-stage queries).
+    """Deformable-DETR, DAB-Deformable-DETR and DINO (``cfg.arch``), one class.
 
     Inputs: images (B, 3, H, W) normalised; masks (B, H, W) bool, True on padding.
     """
@@ -38,6 +57,10 @@ class DeformableDETR(nn.Module):
         super().__init__()
         if num_classes <= 0:
             raise ValueError("num_classes must be positive")
+        if cfg.arch == "dino" and not cfg.two_stage:
+            raise ConfigError("model.arch=dino needs model.two_stage=true")
+        if cfg.arch == "dab-deformable-detr" and cfg.two_stage:
+            raise ConfigError("model.arch=dab-deformable-detr needs model.two_stage=false")
         self.cfg = cfg
         self.num_classes = num_classes
         d = cfg.d_model
@@ -57,24 +80,38 @@ class DeformableDETR(nn.Module):
         layer_kwargs = dict(d_model=d, nheads=cfg.nheads, n_levels=n_levels, dim_feedforward=cfg.dim_feedforward,
                             dropout=cfg.dropout)
         self.encoder = DeformableEncoder(cfg.enc_layers, n_points=cfg.enc_points, **layer_kwargs)
-        self.decoder = DeformableDecoder(cfg.dec_layers, box_refine=cfg.box_refine, n_points=cfg.dec_points,
+        self.decoder = DeformableDecoder(cfg.dec_layers, box_refine=cfg.box_refine,
+                                         look_forward_twice=cfg.look_forward_twice, n_points=cfg.dec_points,
                                          **layer_kwargs)
         # one head per decoder layer (+1 for two-stage proposals); shared without box refinement
         num_heads = cfg.dec_layers + (1 if cfg.two_stage else 0)
         share = not cfg.box_refine
         self.class_heads = repeat_head(make_class_head(d, num_classes), num_heads, share)
         self.bbox_heads = repeat_head(make_box_head(d, cfg.box_refine), num_heads, share)
-        if cfg.two_stage:
-            self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
-            self.proposal_to_query = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d))
-            self.query_embed = None
-            self.reference_points = None
+        self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d)) if cfg.two_stage else None
+        # deformable-detr: learned (position, content) pairs, or queries made from proposals (two-stage)
+        self.query_embed = None
+        self.reference_points = None
+        self.proposal_to_query = None
+        # dab-deformable-detr / dino: learned content; dab: learned anchor boxes (logits)
+        self.content_embed = None
+        self.anchor_embed = None
+        if cfg.arch == "deformable-detr":
+            if cfg.two_stage:
+                self.proposal_to_query = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d))
+            else:
+                self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)
+                self.reference_points = nn.Linear(d, 2)
         else:
-            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)
-            self.reference_points = nn.Linear(d, 2)
+            self.content_embed = nn.Embedding(cfg.num_queries, d)
+            if cfg.arch == "dab-deformable-detr":
+                self.anchor_embed = nn.Embedding(cfg.num_queries, 4)
         # positional query from a reference box, for groups that carry none (AUX groups of
-        # two-stage models, DAB / DINO queries)
-        self.position_head = MLP(2 * d, d, d, 2) if cfg.two_stage else None
+        # two-stage models, DAB / DINO queries, denoising queries)
+        derives_positions = cfg.two_stage or cfg.arch != "deformable-detr" or cfg.dn_queries > 0
+        self.position_head = MLP(2 * d, d, d, 2) if derives_positions else None
+        # contrastive denoising: a query's content is its (noised) label's embedding
+        self.label_embed = nn.Embedding(num_classes, d) if cfg.dn_queries > 0 else None
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -92,6 +129,8 @@ class DeformableDETR(nn.Module):
         if self.reference_points is not None:
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
+        if self.anchor_embed is not None:
+            init_anchor_boxes(self.anchor_embed.weight)
 
     # ------------------------------------------------------------------ protocol
 
@@ -122,9 +161,16 @@ class DeformableDETR(nn.Module):
         return Memory(memory, spatial_shapes, valid_ratios, padding)
 
     def initial_queries(self, memory: Memory) -> tuple[QueryGroup, EncoderProposals | None]:
-        """The main group exactly as the decoder receives it at layer 0 (+ two-stage proposals)."""
+        """The main group exactly as the decoder receives it at layer 0 (+ two-stage proposals).
+
+        Learned queries: reference (B, Q, 2) points. DAB: reference = sigmoid(anchors) (B, Q, 4),
+        position None. Two-stage: reference = the top-K proposal boxes (B, K, 4), detached; DINO's
+        content is learned and its position None, Deformable's both come from the proposals.
+        """
         bsz = memory.memory.shape[0]
         d = self.cfg.d_model
+        if self.anchor_embed is not None:
+            return anchor_queries(self.content_embed.weight, self.anchor_embed.weight, bsz), None
         if not self.cfg.two_stage:
             pos, content = self.query_embed.weight.split(d, dim=1)
             pos = pos[None].expand(bsz, -1, -1)
@@ -132,26 +178,43 @@ class DeformableDETR(nn.Module):
             reference = self.reference_points(pos).sigmoid()
             return QueryGroup(content, pos, reference, "main"), None
         proposals, invalid = self._encoder_proposals(memory)
-        k = min(self.cfg.num_queries, proposals.logits.shape[1])
-        scores = proposals.logits.detach().max(-1).values.float().masked_fill(invalid[..., 0], float("-inf"))
-        topk = scores.topk(k, dim=1).indices
+        topk, reference = select_proposals(proposals, invalid, self.cfg.num_queries)
         proposals.topk = topk
-        reference = torch.gather(proposals.boxes, 1, topk[..., None].expand(-1, -1, 4)).detach()
+        if self.content_embed is not None:  # DINO: mixed query selection
+            return mixed_queries(self.content_embed.weight, reference), proposals
         embed = self.proposal_to_query(sine_embed(reference, d // 2))
         pos, content = embed.split(d, dim=-1)
         return QueryGroup(content, pos, reference, "main"), proposals
+
+    def denoising_groups(self, targets: list[dict]) -> tuple[list[QueryGroup], DenoisingMeta]:
+        """DINO's contrastive denoising groups for ``targets`` (``labels`` (G,), ``boxes`` (G, 4) cxcywh)."""
+        if self.label_embed is None:
+            raise ValueError("this model has no denoising queries (model.dn_queries=0)")
+        cfg = self.cfg
+        return build_denoising_groups(targets, self.num_classes, self.label_embed, cfg.dn_queries,
+                                      cfg.dn_label_noise, cfg.dn_box_noise)
 
     def decode(self, memory: Memory, groups: list[QueryGroup]) -> list[GroupOutput]:
         """Run the decoder on ``groups`` (main first); per-layer outputs per group."""
         n = self.cfg.dec_layers
         return self.decoder(groups, memory, self.class_heads[:n], self.bbox_heads[:n], self._position_from_reference)
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor,
-                extra_groups: list[QueryGroup] | tuple = ()) -> DetectorOutput:
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, extra_groups: list[QueryGroup] | tuple = (),
+                targets: list[dict] | None = None) -> DetectorOutput:
+        """images: (B, 3, H, W); masks: (B, H, W) True on padding; extra_groups: decoded with the
+        main group (each sees only itself); targets: per image ``labels``, ``boxes`` cxcywh, used
+        for denoising groups when training with ``model.dn_queries > 0`` (never in eval mode)."""
         memory = self.encode(images, masks)
         initial, proposals = self.initial_queries(memory)
-        outs = self.decode(memory, [initial, *extra_groups])
-        return DetectorOutput(main=outs[0], initial=initial, extra=outs[1:], encoder=proposals)
+        groups = [initial, *extra_groups]
+        dn_groups: list[QueryGroup] = []
+        meta = None
+        if self.training and targets is not None and self.label_embed is not None:
+            dn_groups, meta = self.denoising_groups(list(targets))
+        outs = self.decode(memory, groups + dn_groups)
+        n = len(groups)
+        return DetectorOutput(main=outs[0], initial=initial, extra=outs[1:n], encoder=proposals, dn=outs[n:],
+                              dn_meta=meta)
 
     # ------------------------------------------------------------------ helpers
 

@@ -93,13 +93,52 @@ class EncoderProposals:
 
 
 @dataclass
+class DenoisingMeta:
+    """Where the denoising (DN) queries are and what they must predict.
+
+    The DN queries are ``num_groups`` query groups (named ``names``) of ``group_size = 2 * pad``
+    queries each: ``pad`` positive slots (a noised copy of GT j in slot j) then ``pad`` negative
+    slots (a farther-noised copy of GT j in slot ``pad + j``); ``pad`` is the batch's largest GT
+    count, so images with fewer GTs have padding slots (no target). Indices below count queries
+    in the DN groups concatenated in order (N = num_groups * group_size).
+
+    assignment: per image, (query index, GT index) of every positive DN query (fixed targets)
+    labels:     (B, N) int64 noised labels fed to the label embedding (-1 on padding)
+    positive:   (B, N) bool, True on positive queries
+    valid:      (B, N) bool, False on padding
+    """
+
+    num_groups: int
+    pad: int
+    names: list[str]
+    assignment: list[tuple[torch.Tensor, torch.Tensor]]
+    labels: torch.Tensor
+    positive: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def group_size(self) -> int:
+        return 2 * self.pad
+
+
+@dataclass
 class DetectorOutput:
-    """Everything the losses and the distiller need from one forward pass."""
+    """Everything the losses and the distiller need from one forward pass.
+
+    main:    the main (matching) group's per-layer outputs
+    initial: the main group exactly as the decoder received it at layer 0
+    extra:   outputs of the caller's ``extra_groups``, in order
+    encoder: two-stage encoder proposals (None for learned / anchor queries)
+    dn:      outputs of the denoising groups (training with targets and ``model.dn_queries > 0``)
+    dn_meta: where the DN queries are and their targets (None without DN)
+    """
 
     main: GroupOutput
     initial: QueryGroup
     extra: list[GroupOutput] = field(default_factory=list)
     encoder: EncoderProposals | None = None
+    dn: list[GroupOutput] = field(default_factory=list)
+    dn_meta: DenoisingMeta | None = None
 
     @property
     def pred_logits(self) -> torch.Tensor:

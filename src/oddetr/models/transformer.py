@@ -152,49 +152,81 @@ class DeformableDecoder(nn.Module):
         class_heads / bbox_heads: one per decoder layer (the same module repeated when shared).
         position_head: maps a (B, G, 2|4) reference to (B, G, d) positional queries, for groups
         whose ``position`` is None (recomputed every layer from the refined reference).
+
+        With box refinement, layer l's reference is layer l-1's box, detached. With
+        ``look_forward_twice`` (DINO), layer l's *predicted* box is refined from layer l-1's box
+        before detaching, so layer l's box loss also trains layer l-1's box head.
+
+        Neighbouring groups of the same kind (reference dimension, positional query given or not)
+        are processed together, so many small groups (denoising) cost little.
         """
         sizes = [g.size for g in groups]
         attn_mask = group_attention_mask(sizes, groups[0].content.device)
         tgt = torch.cat([g.content for g in groups], 1)
+        for g in groups:
+            if g.position is None and position_head is None:
+                raise ValueError(f"query group '{g.name}' has no positional query and the model has no position head")
         refs = [g.reference for g in groups]  # per group, (B, G, 2|4)
+        undetached = list(refs)  # look-forward-twice: previous layer's refined boxes, with gradient
         ratios = memory.valid_ratios
         all_logits, all_boxes, all_hidden = [], [], []
         all_refs: list[list[torch.Tensor]] = [[r] for r in refs]
-        undetached = list(refs)  # look-forward-twice: previous layer's refined boxes, with gradient
-        spans = _spans(sizes)
         for lvl, layer in enumerate(self.layers):
-            pos = torch.cat([self._position(g, r, position_head) for g, r in zip(groups, refs)], 1)
-            chunks = _merge_chunks([_scale_reference(r, ratios) for r in refs])
+            runs = _runs(groups, refs)
+            run_refs = [_cat(refs[a:b]) for a, b in runs]
+            pos = _cat([self._position(groups[a:b], r, position_head) for (a, b), r in zip(runs, run_refs)])
+            chunks = _merge_chunks([_scale_reference(r, ratios) for r in run_refs])
             tgt = layer(tgt, pos, chunks, memory, attn_mask)
-            logits = class_heads[lvl](tgt)
+            all_logits.append(class_heads[lvl](tgt))
             delta = bbox_heads[lvl](tgt)
-            boxes = []
-            for gi, (s, e) in enumerate(spans):
-                refined = refine_boxes(delta[:, s:e], refs[gi])
-                lft = self.look_forward_twice and self.box_refine and lvl > 0
-                boxes.append(refine_boxes(delta[:, s:e], undetached[gi]) if lft else refined)
+            lft = self.look_forward_twice and self.box_refine and lvl > 0
+            boxes, start = [], 0
+            for (a, b), ref in zip(runs, run_refs):
+                end = start + ref.shape[1]
+                refined = refine_boxes(delta[:, start:end], ref)
+                boxes.append(refine_boxes(delta[:, start:end], _cat(undetached[a:b])) if lft else refined)
                 if self.box_refine:
-                    undetached[gi] = refined
-                    refs[gi] = refined.detach()
+                    parts = refined.split(sizes[a:b], 1)
+                    undetached[a:b] = parts
+                    refs[a:b] = [p.detach() for p in parts]
+                start = end
+            for gi in range(len(groups)):
                 all_refs[gi].append(refs[gi])
-            all_logits.append(logits)
-            all_boxes.append(torch.cat(boxes, 1))
+            all_boxes.append(_cat(boxes))
             all_hidden.append(tgt)
         logits = torch.stack(all_logits)
         boxes = torch.stack(all_boxes)
         hidden = torch.stack(all_hidden)
         outputs = []
-        for g, (s, e), store in zip(groups, spans, all_refs):
+        for g, (s, e), store in zip(groups, _spans(sizes), all_refs):
             outputs.append(GroupOutput(g.name, logits[:, :, s:e], boxes[:, :, s:e], hidden[:, :, s:e], store))
         return outputs
 
     @staticmethod
-    def _position(group: QueryGroup, reference: torch.Tensor, position_head: nn.Module | None) -> torch.Tensor:
-        if group.position is not None:
-            return group.position
-        if position_head is None:
-            raise ValueError(f"query group '{group.name}' has no positional query and the model has no position head")
+    def _position(groups: list[QueryGroup], reference: torch.Tensor, position_head: nn.Module | None) -> torch.Tensor:
+        """Positional queries of neighbouring groups that all give one or all derive them from ``reference``."""
+        if groups[0].position is not None:
+            return _cat([g.position for g in groups])
         return position_head(reference)
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
+
+
+def _runs(groups: list[QueryGroup], refs: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Maximal ranges [a, b) of neighbouring groups with the same reference dimension whose
+    positional queries are all given or all derived."""
+    runs: list[tuple[int, int]] = []
+    key = None
+    for i, (g, r) in enumerate(zip(groups, refs)):
+        k = (r.shape[-1], g.position is None)
+        if k == key:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+            key = k
+    return runs
 
 
 def _spans(sizes: list[int]) -> list[tuple[int, int]]:
