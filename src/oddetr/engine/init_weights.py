@@ -19,13 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from oddetr.config import ModelConfig
-from oddetr.errors import CheckpointError
+from oddetr.errors import CheckpointError, OddetrError
 from oddetr.models.convert import (
+    ARCH_KEYS,
     adapt_num_classes,
     check_architecture,
     convert_official_deformable_detr,
     convert_official_dino,
     load_hf_pretrained,
+    overrides_as_keys,
     read_official_checkpoint,
 )
 
@@ -138,3 +140,30 @@ def load_init_weights(model: nn.Module, path: str | Path, model_cfg: ModelConfig
 
 def _short(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m oddetr.engine.init_weights PATH``: the ``model.*`` keys matching the weights at PATH."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m oddetr.engine.init_weights PATH (HF directory, .pth or oddetr checkpoint)",
+              file=sys.stderr)
+        return 2
+    try:
+        fmt, overrides, state, unmapped, names = read_init_weights(args[0])
+    except OddetrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    arch = {k: v for k, v in overrides.items() if k in ARCH_KEYS or k == "backbone"}
+    if "backbone" in arch:
+        arch["backbone"] = {"name": arch["backbone"].get("name")}
+    keys = overrides_as_keys(arch) + ([] if fmt == "oddetr" else ["model.backbone.norm=frozen_bn"])
+    print(" ".join(keys))
+    classes = state.get("class_heads.0.weight")
+    print(f"{fmt} weights: {len(state)} tensors, {0 if classes is None else classes.shape[0]} classes"
+          + (f", {len(unmapped)} unmapped source keys" if unmapped else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
