@@ -57,12 +57,16 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=str(path / "tensorboard"))
 
+    def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """One JSON object per line; non-finite floats become null (strict JSON)."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path / name, "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+
     def log_epoch(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(clean) + "\n")
+        self._append_jsonl("metrics.jsonl", record)
         epoch = int(record["epoch"])
         for key, value in record.items():
             if key != "epoch" and isinstance(value, int | float) and math.isfinite(value):
@@ -76,11 +80,8 @@ class MetricsLogger:
 
     def log_step_record(self, record: dict[str, Any]) -> None:
         """Append one optimiser step's record (``epoch``, ``step``, ``loss``, ...) to ``steps.jsonl``."""
-        if not self.enabled:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path / "steps.jsonl", "a") as fh:
-            fh.write(json.dumps(clean) + "\n")
+        if self.enabled:
+            self._append_jsonl("steps.jsonl", record)
 
     def truncate_after(self, epoch: int) -> None:
         """On resume, drop records of epochs after the checkpoint's (a run killed mid-way)."""
