@@ -113,7 +113,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    cls: Literal["focal", "qfl"] = "focal"
+    cls: Literal["focal", "qfl", "varifocal"] = "focal"
     cls_weight: float = 1.0
     l1_weight: float = 5.0
     giou_weight: float = 2.0
@@ -124,20 +124,36 @@ class LossConfig:
     focal_gamma: float = 2.0
     qfl_beta: float = 2.0
     aux_layers: bool = True  # losses at every decoder layer, not only the last
+    # training-only one-to-one groups (Group-DETR style, no teacher): detached copies of the main group's
+    # initial queries, each matched by its own Hungarian step. With 1 it is the control for OD-DETR's PD
+    # group (the same queries' count, no EMA teacher): the "extra group, no teacher" benchmark row
+    extra_groups: int = 0
 
 
 @dataclass
 class DistillConfig:
-    enabled: bool = False
+    enabled: bool = True  # OD-DETR is the default; distill.enabled=false trains the baseline
     md: bool = True
     pd: bool = True
     aux: bool = True
+    md_on_pd: bool = True  # MD also on the PD group (its queries correspond to the teacher's index-for-index)
     ema_decay: float = 0.9997
     ema_tau: float = 2000.0
     warmup_steps: int = -1  # -1: ema_tau
     md_box: Literal["none", "unmatched_only", "all"] = "unmatched_only"
+    # soft-target box of a (query, GT) pair only the teacher made: the teacher's box, the student's, or the
+    # better of the two (IoU with the GT); the student's own pairs always use the student's box
+    md_target_box: Literal["teacher", "student", "max"] = "teacher"
+    md_cls_loss: Literal["qfl", "varifocal"] = "qfl"
     md_weight: float = 1.0
     pd_weight: float = 1.0
+    # PD boxes: only on queries the teacher has something to say about (matched to a GT by its Hungarian
+    # step at that layer, and/or max class probability >= pd_box_threshold), normalised by their count,
+    # with a loss whose gradient fades as the student reaches the teacher
+    pd_box_queries: Literal["matched", "confident", "matched_or_confident", "all"] = "matched_or_confident"
+    pd_box_threshold: float = 0.5
+    pd_box_loss: Literal["smooth_l1", "l2", "l1_giou"] = "smooth_l1"
+    pd_box_beta: float = 0.02  # smooth-L1 transition (normalised box units)
     aux_weight: float = 1.0
     aux_k: int = 2
     aux_stages: list[int] | None = None  # None: every decoder layer
@@ -202,8 +218,15 @@ class Config:
                 raise ConfigError(f"config key '{key}' must be > 0, got {value}")
         if m.d_model % m.nheads:
             raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.nheads={m.nheads}")
+        if self.loss.extra_groups < 0:
+            raise ConfigError(f"config key 'loss.extra_groups' must be >= 0, got {self.loss.extra_groups}")
         if m.enc_layers < 0:
             raise ConfigError(f"config key 'model.enc_layers' must be >= 0, got {m.enc_layers}")
+        d = self.distill
+        if not 0.0 <= d.pd_box_threshold <= 1.0:
+            raise ConfigError(f"config key 'distill.pd_box_threshold' must be in [0, 1], got {d.pd_box_threshold}")
+        if d.pd_box_beta <= 0.0:
+            raise ConfigError(f"config key 'distill.pd_box_beta' must be > 0, got {d.pd_box_beta}")
         if not 0.0 <= self.distill.ema_decay < 1.0:
             raise ConfigError(f"config key 'distill.ema_decay' must be in [0, 1), got {self.distill.ema_decay}")
         if self.distill.aux_stages is not None:

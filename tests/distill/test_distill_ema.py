@@ -67,21 +67,44 @@ def test_ema_update_matches_recursive_closed_form_in_float64():
         assert not torch.allclose(p.double(), (theta0[n] + steps * delta[n]).float().double(), atol=1e-3)
 
 
-def test_ema_copies_buffers_instead_of_averaging():
+def test_ema_averages_float_buffers_and_copies_integer_ones():
+    """BN running statistics follow the weights' EMA (closed form); num_batches_tracked is copied."""
     student = _small_net()
-    ema = EmaTeacher(student, 0.99, 0.0)  # m_k = 0.99 for every k: an averaged buffer would barely move
+    ema = EmaTeacher(student, 0.9, 0.0)  # m_k = 0.9 for every k
     bn_student = student[1]
+    expected_mean = bn_student.running_mean.detach().double().clone()
+    expected_var = bn_student.running_var.detach().double().clone()
     for k in range(1, 4):
         with torch.no_grad():
             bn_student.running_mean.copy_(torch.arange(4.0) * k + 10.0)
             bn_student.running_var.copy_(torch.full((4,), 3.0 * k))
             bn_student.num_batches_tracked.fill_(17 * k)
         ema.update(student)
-        for (tn, tb), (sn, sb) in zip(ema.model.named_buffers(), student.named_buffers()):
-            assert tn == sn
-            assert torch.equal(tb, sb)
-            assert tb.data_ptr() != sb.data_ptr()  # a copy, not the same storage
-    assert int(ema.model[1].num_batches_tracked) == 51
+        expected_mean = 0.9 * expected_mean + 0.1 * (torch.arange(4.0, dtype=torch.float64) * k + 10.0)
+        expected_var = 0.9 * expected_var + 0.1 * torch.full((4,), 3.0 * k, dtype=torch.float64)
+        bn_teacher = ema.model[1]
+        torch.testing.assert_close(bn_teacher.running_mean.double(), expected_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(bn_teacher.running_var.double(), expected_var, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(bn_teacher.running_mean, bn_student.running_mean)  # averaged, not copied
+        assert bn_teacher.running_mean.data_ptr() != bn_student.running_mean.data_ptr()
+        assert int(bn_teacher.num_batches_tracked) == 17 * k  # integer buffers: copied
+
+
+def test_teacher_of_a_frozen_student_converges_to_it_buffers_included():
+    """A student that stops changing is reached by its teacher, BatchNorm statistics included."""
+    student = _small_net()
+    with torch.no_grad():
+        student[1].running_mean.fill_(2.0)
+        student[1].running_var.fill_(5.0)
+    ema = EmaTeacher(student, 0.5, 0.0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+        student[1].running_mean.fill_(-1.0)
+    for _ in range(60):  # 0.5 ** 60 ~ 1e-18
+        ema.update(student)
+    for (name, t), (_, s) in zip(ema.model.state_dict().items(), student.state_dict().items()):
+        torch.testing.assert_close(t.double(), s.double(), rtol=0, atol=1e-6, msg=name)
 
 
 def test_ema_teacher_frozen_eval_and_independent_of_student():

@@ -179,13 +179,17 @@ def test_distiller_md_path_uses_teacher_assignments():
     for layer in range(2):
         logits = out.main.logits[layer].detach()
         boxes = out.main.boxes[layer].detach()
+        t_boxes = plan.teacher.main.boxes[layer]
         y = torch.zeros(logits.shape, dtype=torch.float64)
         box_pairs = []
         for b, tgt in enumerate(targets):
-            for assign in (student[layer][b], teacher[layer][b]):
+            own = set(zip(*(t.tolist() for t in student[layer][b])))
+            for assign, is_teacher in ((student[layer][b], False), (teacher[layer][b], True)):
                 for q, g in zip(*(t.tolist() for t in assign)):
                     c = int(tgt["labels"][g])
-                    y[b, q, c] = max(float(y[b, q, c]), _iou(boxes[b, q], tgt["boxes"][g]))
+                    # a pair only the teacher made: the teacher's box; the student's own: its own box
+                    box = t_boxes[b, q] if is_teacher and (q, g) not in own else boxes[b, q]
+                    y[b, q, c] = max(float(y[b, q, c]), _iou(box, tgt["boxes"][g]))
             s_q = student[layer][b][0].tolist()
             box_pairs += [(b, q, g) for q, g in zip(*(t.tolist() for t in student[layer][b]))]
             box_pairs += [(b, q, g) for q, g in zip(*(t.tolist() for t in teacher[layer][b])) if q not in s_q]
@@ -209,35 +213,95 @@ def _group(logits: torch.Tensor, boxes: torch.Tensor) -> GroupOutput:
     return GroupOutput("x", logits, boxes, torch.zeros(*boxes.shape[:-1], 1), [])
 
 
-def test_pd_losses_match_formula_on_random_outputs():
+def _smooth_l1(d: torch.Tensor, beta: float) -> torch.Tensor:
+    d = d.abs()
+    return torch.where(d < beta, 0.5 * d**2 / beta, d - 0.5 * beta).sum()
+
+
+@pytest.mark.parametrize("queries", ["matched", "confident", "matched_or_confident", "all"])
+@pytest.mark.parametrize("box_loss", ["smooth_l1", "l2", "l1_giou"])
+def test_pd_losses_match_formula_on_random_outputs(queries, box_loss):
     g = torch.Generator().manual_seed(0)
     layers, bsz, n, c = 2, 2, 5, 3
-    s_logits, t_logits = torch.randn(layers, bsz, n, c, generator=g), torch.randn(layers, bsz, n, c, generator=g)
+    s_logits, t_logits = torch.randn(layers, bsz, n, c, generator=g), torch.randn(layers, bsz, n, c, generator=g) * 2
     s_boxes = torch.stack([torch.stack([random_boxes(n, g) for _ in range(bsz)]) for _ in range(layers)])
     t_boxes = torch.stack([torch.stack([random_boxes(n, g) for _ in range(bsz)]) for _ in range(layers)])
-    num_boxes = 3.0
+    # the teacher's matching per layer: (query, GT) pairs per image
+    teacher = [[(torch.tensor([1, 3]), torch.tensor([0, 1])), (torch.tensor([4]), torch.tensor([0]))],
+               [(torch.tensor([0]), torch.tensor([0])), (torch.tensor([2, 4]), torch.tensor([1, 0]))]]
+    num_boxes, threshold, beta = 3.0, 0.6, 0.05
     out = prediction_distillation_losses(_group(s_logits, s_boxes), _group(t_logits, t_boxes), num_boxes, [0, 1],
-                                         beta=1.5)
-    assert set(out) == {f"pd/{t}/l{i}" for t in ("cls", "l1", "giou") for i in range(2)}
+                                         beta=1.5, teacher_assignments=teacher, box_queries=queries,
+                                         box_threshold=threshold, box_loss=box_loss, box_beta=beta)
+    terms = ("cls", "l1", "giou") if box_loss == "l1_giou" else ("cls", "l1")
+    assert set(out) == {f"pd/{t}/l{i}" for t in terms for i in range(2)}
     for layer in range(layers):
         y = torch.sigmoid(t_logits[layer].double())
-        w = y.max(-1).values
         cls = _qfl_reference(s_logits[layer], y, 1.5) / num_boxes
-        l1 = ((s_boxes[layer].double() - t_boxes[layer].double()).abs().sum(-1) * w).sum() / num_boxes
-        giou = torch.zeros((), dtype=torch.float64)
-        for b in range(bsz):
-            for q in range(n):
-                gi = generalized_box_iou(_xyxy(s_boxes[layer, b, q][None]), _xyxy(t_boxes[layer, b, q][None]))[0, 0]
-                giou += (1 - gi) * w[b, q]
         torch.testing.assert_close(out[f"pd/cls/l{layer}"].double(), cls, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(out[f"pd/l1/l{layer}"].double(), l1, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(out[f"pd/giou/l{layer}"].double(), giou / num_boxes, rtol=1e-5, atol=1e-6)
+        # brute force: which queries get a box term
+        chosen = []
+        for b in range(bsz):
+            matched = set(teacher[layer][b][0].tolist())
+            for q in range(n):
+                confident = float(y[b, q].max()) >= threshold
+                keep = {"matched": q in matched, "confident": confident,
+                        "matched_or_confident": q in matched or confident, "all": True}[queries]
+                if keep:
+                    chosen.append((b, q))
+        assert 0 < len(chosen) < bsz * n or queries == "all"
+        diff = torch.stack([s_boxes[layer, b, q].double() - t_boxes[layer, b, q].double() for b, q in chosen])
+        if box_loss == "smooth_l1":
+            l1 = _smooth_l1(diff, beta)
+        elif box_loss == "l2":
+            l1 = (diff**2).sum()
+        else:
+            l1 = diff.abs().sum()
+            giou = sum(1 - generalized_box_iou(_xyxy(s_boxes[layer, b, q][None]), _xyxy(t_boxes[layer, b, q][None]))[0, 0]
+                       for b, q in chosen)
+            torch.testing.assert_close(out[f"pd/giou/l{layer}"].double(), giou / len(chosen), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[f"pd/l1/l{layer}"].double(), l1 / len(chosen), rtol=1e-5, atol=1e-7)
     # teacher outputs are targets: no gradient reaches them
     t_req = t_logits.clone().requires_grad_()
     s_req = s_logits.clone().requires_grad_()
-    sum(prediction_distillation_losses(_group(s_req, s_boxes), _group(t_req, t_boxes), 1.0, [1]).values()).backward()
+    sum(prediction_distillation_losses(_group(s_req, s_boxes), _group(t_req, t_boxes), 1.0, [1],
+                                       teacher_assignments=teacher, box_queries=queries).values()).backward()
     assert t_req.grad is None and s_req.grad is not None
     assert torch.count_nonzero(s_req.grad[0]) == 0 and torch.count_nonzero(s_req.grad[1]) > 0
+
+
+def test_pd_box_gradient_fades_as_the_student_reaches_the_teacher():
+    """At a student-teacher gap of 1e-6 the PD box gradient is < 1e-3 of the main box loss's gradient
+    (the old L1 + GIoU term on every query kept a gradient of constant size, about 6)."""
+    g = torch.Generator().manual_seed(3)
+    bsz, n = 2, 10
+    teacher_boxes = torch.stack([random_boxes(n, g) for _ in range(bsz)])
+    gap = 1e-6 * torch.sign(torch.randn(bsz, n, 4, generator=g))
+    targets = [{"labels": torch.tensor([0, 1, 2]), "boxes": random_boxes(3, g)},
+               {"labels": torch.tensor([1, 1]), "boxes": random_boxes(2, g)}]
+    matched = [(torch.tensor([0, 4, 7]), torch.tensor([0, 1, 2])), (torch.tensor([2, 5]), torch.tensor([0, 1]))]
+    t_logits = torch.randn(1, bsz, n, 3, generator=g)
+    crit = SetCriterion(LossConfig())
+
+    def box_grad(loss_fn) -> float:
+        boxes = (teacher_boxes + gap).double().clone().requires_grad_()
+        loss_fn(boxes).backward()
+        return float(boxes.grad.norm())
+
+    def weighted(losses: dict) -> torch.Tensor:
+        return sum(v * crit.term_weights[k.split("/")[1]] for k, v in losses.items() if "/cls/" not in k)
+
+    main = box_grad(lambda b: weighted(crit.group_losses("main", t_logits.double(), b[None], targets, [matched], 5.0)))
+    for loss in ("smooth_l1", "l2"):
+        pd = box_grad(lambda b, loss=loss: weighted(prediction_distillation_losses(
+            _group(t_logits.double(), b[None]), _group(t_logits, teacher_boxes[None]), 5.0, [0],
+            teacher_assignments=[matched], box_queries="all", box_loss=loss)))
+        assert pd < 1e-3 * main, (loss, pd, main)
+    # the constant-size term this replaces: its gradient does not fade
+    old = box_grad(lambda b: weighted(prediction_distillation_losses(
+        _group(t_logits.double(), b[None]), _group(t_logits, teacher_boxes[None]), 5.0, [0],
+        teacher_assignments=[matched], box_queries="all", box_loss="l1_giou")))
+    assert old > 0.1 * main
 
 
 def _randomise_box_heads(model):
@@ -261,7 +325,8 @@ def test_pd_loss_is_zero_when_student_is_teacher():
     out = model(images, masks, extra_groups=plan.groups)
     pd_out = out.extra[0]
     layers = criterion.layer_indices(cfg.model.dec_layers)
-    losses = prediction_distillation_losses(pd_out, plan.teacher.main, 4.0, layers, cfg.loss.qfl_beta)
+    losses = prediction_distillation_losses(pd_out, plan.teacher.main, 4.0, layers, cfg.loss.qfl_beta,
+                                            teacher_assignments=plan.teacher_assignments, box_loss="l1_giou")
     assert set(losses) == {f"pd/{t}/l{i}" for t in ("cls", "l1", "giou") for i in layers}
     for layer in layers:
         # the student's outputs on the teacher's queries are the teacher's outputs
@@ -281,7 +346,8 @@ def test_pd_loss_is_zero_when_student_is_teacher():
         for p in (*model.class_heads.parameters(), *model.bbox_heads.parameters()):
             p.add_(0.3 * torch.randn(p.shape, generator=g))
     out = model(images, masks, extra_groups=plan.groups)
-    losses = prediction_distillation_losses(out.extra[0], plan.teacher.main, 4.0, layers, cfg.loss.qfl_beta)
+    losses = prediction_distillation_losses(out.extra[0], plan.teacher.main, 4.0, layers, cfg.loss.qfl_beta,
+                                            teacher_assignments=plan.teacher_assignments, box_loss="l1_giou")
     for layer in layers:
         y = plan.teacher.main.logits[layer].sigmoid()
         cls = _qfl_reference(out.extra[0].logits[layer].detach(), y, cfg.loss.qfl_beta) / 4.0
@@ -289,3 +355,52 @@ def test_pd_loss_is_zero_when_student_is_teacher():
         assert float(losses[f"pd/cls/l{layer}"].detach()) > 1e-3
         assert float(losses[f"pd/l1/l{layer}"].detach()) > 1e-3
         assert float(losses[f"pd/giou/l{layer}"].detach()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------- MD target source
+
+
+@pytest.mark.parametrize("source", ["teacher", "student", "max"])
+def test_md_teacher_only_pair_takes_the_chosen_box(source):
+    """A pair only the teacher made takes IoU(teacher box, GT), IoU(student box, GT) or the larger."""
+    logits, boxes, targets = _md_case()
+    gt = targets[0]["boxes"]
+    teacher_boxes = boxes.clone()
+    teacher_boxes[0, 2] = torch.tensor([0.59, 0.61, 0.30, 0.31])  # the teacher's q2 sits on b; the student's does not
+    teacher_boxes[0, 3] = torch.tensor([0.50, 0.50, 0.50, 0.50])  # worse than the student's q3 on b
+    student = [(torch.tensor([3]), torch.tensor([1]))]
+    teacher = [(torch.tensor([2, 3]), torch.tensor([1, 1]))]  # q2 -> b teacher only; q3 -> b shared
+    cfg, _, criterion, distiller = tiny_setup(f"distill.md_target_box={source}")
+    group = GroupOutput("main", logits[None], boxes[None], torch.zeros(1, 1, 5, 1), [])
+    losses = distiller._md_losses("md", group, [student], [teacher], teacher_boxes[None], targets, 1.0)
+    y = torch.zeros(5, 3, dtype=torch.float64)
+    y[3, 2] = _iou(boxes[0, 3], gt[1])  # the shared pair is the student's own: its own box
+    s_iou, t_iou = _iou(boxes[0, 2], gt[1]), _iou(teacher_boxes[0, 2], gt[1])
+    y[2, 2] = {"teacher": t_iou, "student": s_iou, "max": max(s_iou, t_iou)}[source]
+    assert t_iou > 0.8 and s_iou == 0.0
+    torch.testing.assert_close(losses["md/cls/l0"].double(), _qfl_reference(logits[0], y, cfg.loss.qfl_beta),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_varifocal_loss_matches_formula():
+    from oddetr.losses.criterion import varifocal_loss
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 6, 4, generator=g) * 2
+    y = torch.rand(3, 6, 4, generator=g)
+    y[y < 0.6] = 0.0
+    p = torch.sigmoid(logits.double())
+    q = y.double()
+    expected = torch.where(q > 0, -q * (q * torch.log(p) + (1 - q) * torch.log1p(-p)),
+                           -0.75 * p**2 * torch.log1p(-p)).sum()
+    torch.testing.assert_close(varifocal_loss(logits, y).double(), expected, rtol=1e-5, atol=1e-6)
+    assert (y > 0).any() and (y == 0).any()
+
+
+def test_teacher_only_pairs_drops_shared_pairs():
+    from oddetr.losses.criterion import teacher_only_pairs
+
+    student = [(torch.tensor([1, 3]), torch.tensor([0, 1])), (torch.tensor([], dtype=torch.long),) * 2]
+    teacher = [(torch.tensor([0, 1, 3]), torch.tensor([0, 1, 1])), (torch.tensor([2]), torch.tensor([0]))]
+    got = [sorted(zip(q.tolist(), g.tolist())) for q, g in teacher_only_pairs(student, teacher)]
+    assert got == [[(0, 0), (1, 1)], [(2, 0)]]

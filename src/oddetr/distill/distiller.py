@@ -22,9 +22,9 @@ from oddetr.config import Config
 from oddetr.distill.ema import EmaTeacher
 from oddetr.distill.groups import AuxGroup, aux_group, prediction_group, select_aux_queries
 from oddetr.distill.losses import prediction_distillation_losses
-from oddetr.losses.criterion import SetCriterion, union_unmatched
+from oddetr.losses.criterion import SetCriterion, teacher_only_pairs, union_unmatched
 from oddetr.losses.matcher import Assignment
-from oddetr.models.outputs import DetectorOutput, QueryGroup
+from oddetr.models.outputs import DetectorOutput, GroupOutput, QueryGroup
 
 
 @dataclass
@@ -50,8 +50,10 @@ class OnlineDistiller:
         # two-stage models pick their main queries per image, so they only correspond to the
         # teacher's queries index-for-index in the PD group: MD runs there
         self.md_on_main = self.cfg.md and not cfg.model.two_stage
-        self.md_on_pd = self.cfg.md and (cfg.model.two_stage or self.cfg.pd)
+        self.md_on_pd = self.cfg.md and self.cfg.md_on_pd and (cfg.model.two_stage or self.cfg.pd)
         self.uses_pd_group = self.cfg.pd or self.md_on_pd
+        # the teacher's own matching: for MD, and for choosing the queries PD regresses boxes on
+        self.needs_teacher_matching = self.cfg.md or (self.cfg.pd and self.cfg.pd_box_queries.startswith("matched"))
         # AUX queries reuse the teacher's learned positional queries only where the model has them
         # (Deformable-DETR); DAB anchors and two-stage / DINO queries derive them from the reference
         self.learned_positions = cfg.model.arch == "deformable-detr" and not cfg.model.two_stage
@@ -87,7 +89,7 @@ class OnlineDistiller:
         plan = DistillPlan(teacher=t_out)
         if self.uses_pd_group:
             plan.groups.append(prediction_group(t_out.initial))
-        if self.cfg.md:
+        if self.needs_teacher_matching:
             plan.teacher_assignments = self.criterion.match_layers(t_out.main.logits, t_out.main.boxes, targets,
                                                                    context="teacher")
         if self.cfg.aux:
@@ -117,26 +119,45 @@ class OnlineDistiller:
         extras = {g.name: g for g in out.extra}
         losses: dict[str, torch.Tensor] = {}
         teacher_assign = plan.teacher_assignments
+        teacher_boxes = plan.teacher.main.boxes  # (L, B, Q, 4), index-aligned with the main and PD queries
         if self.md_on_main:
-            boxes = [union_unmatched(s, t, self.cfg.md_box) for s, t in zip(student_assignments, teacher_assign)]
-            losses.update(crit.group_losses("md", out.main.logits, out.main.boxes, targets, student_assignments,
-                                            num_boxes, cls_loss="qfl", extra_cls=teacher_assign, extra_box=boxes))
+            losses.update(self._md_losses("md", out.main, student_assignments, teacher_assign, teacher_boxes,
+                                          targets, num_boxes))
         if self.md_on_pd:
             pd_out = extras["pd"]
             own = crit.match_layers(pd_out.logits, pd_out.boxes, targets, context="pd group")
-            boxes = [union_unmatched(s, t, self.cfg.md_box) for s, t in zip(own, teacher_assign)]
-            losses.update(crit.group_losses("mdpd", pd_out.logits, pd_out.boxes, targets, own, num_boxes,
-                                            cls_loss="qfl", extra_cls=teacher_assign, extra_box=boxes))
+            losses.update(self._md_losses("mdpd", pd_out, own, teacher_assign, teacher_boxes, targets, num_boxes))
         if self.cfg.pd:
             layers = crit.layer_indices(out.main.logits.shape[0])
-            losses.update(prediction_distillation_losses(extras["pd"], plan.teacher.main, num_boxes, layers,
-                                                         crit.cfg.qfl_beta))
+            c = self.cfg
+            losses.update(prediction_distillation_losses(
+                extras["pd"], plan.teacher.main, num_boxes, layers, crit.cfg.qfl_beta,
+                teacher_assignments=teacher_assign, box_queries=c.pd_box_queries, box_threshold=c.pd_box_threshold,
+                box_loss=c.pd_box_loss, box_beta=c.pd_box_beta))
         for aux in plan.aux:
             group_out = extras[aux.group.name]
             num_layers = group_out.logits.shape[0]
             losses.update(crit.group_losses(aux.group.name, group_out.logits, group_out.boxes, targets,
                                             [aux.assignment] * num_layers, num_boxes * self.cfg.aux_k))
         return losses
+
+    def _md_losses(self, prefix: str, group: GroupOutput, own: list[Assignment], teacher: list[Assignment],
+                   teacher_boxes: torch.Tensor, targets: Sequence[dict], num_boxes: float) -> dict[str, torch.Tensor]:
+        """MD on one group whose queries correspond to the teacher's index-for-index.
+
+        Positives: the student's own pairs (soft target: IoU of its own box) and, per layer, the
+        pairs only the teacher made (soft target: IoU of the box ``distill.md_target_box`` picks;
+        teacher_boxes: (L, B, Q, 4)). Boxes regress per ``distill.md_box``.
+        """
+        teacher_only = [teacher_only_pairs(s, t) for s, t in zip(own, teacher)]
+        box_pairs = [union_unmatched(s, t, self.cfg.md_box) for s, t in zip(own, teacher)]
+        source = self.cfg.md_target_box
+        sources = [[group.boxes[i]] if source == "student" else
+                   [teacher_boxes[i]] if source == "teacher" else [group.boxes[i], teacher_boxes[i]]
+                   for i in range(len(teacher))]
+        return self.criterion.group_losses(prefix, group.logits, group.boxes, targets, own, num_boxes,
+                                           cls_loss=self.cfg.md_cls_loss, extra_cls=teacher_only,
+                                           extra_box=box_pairs, extra_cls_boxes=sources)
 
     # ------------------------------------------------------------------ checkpoint
 

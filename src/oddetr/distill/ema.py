@@ -20,7 +20,9 @@ class EmaTeacher:
     """An exponential moving average of a student model, kept frozen and in eval mode.
 
     Parameters are averaged over ``named_parameters()`` (de-duplicated, so a head shared by
-    several decoder layers is averaged once per step); buffers are copied.
+    several decoder layers is averaged once per step). Floating-point buffers (BatchNorm running
+    statistics) follow the same EMA as the weights, so that the teacher's normalisation matches its
+    averaged weights; integer buffers (``num_batches_tracked``) are copied.
     """
 
     def __init__(self, student: nn.Module, decay: float, tau: float) -> None:
@@ -44,9 +46,17 @@ class EmaTeacher:
         names = list(t_params)
         teacher_tensors = [t_params[n] for n in names]
         student_tensors = [s_params[n].detach().to(t_params[n].dtype) for n in names]
+        t_buffers = dict(self.model.named_buffers())
+        s_buffers = dict(student.named_buffers())
+        if t_buffers.keys() != s_buffers.keys():
+            raise RuntimeError("teacher and student have different buffers")
+        for name, tb in t_buffers.items():
+            if tb.is_floating_point():
+                teacher_tensors.append(tb)
+                student_tensors.append(s_buffers[name].detach().to(tb.dtype))
+            else:
+                tb.copy_(s_buffers[name])
         torch._foreach_lerp_(teacher_tensors, student_tensors, 1.0 - m)
-        for (_, tb), (_, sb) in zip(self.model.named_buffers(), student.named_buffers()):
-            tb.copy_(sb)
         return m
 
     def state_dict(self) -> dict:

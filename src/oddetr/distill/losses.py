@@ -3,34 +3,82 @@ toward the teacher's outputs on the same queries, layer by layer."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from oddetr.box_ops import cxcywh_to_xyxy, paired_giou
 from oddetr.losses.criterion import quality_focal_loss
+from oddetr.losses.matcher import Assignment
 from oddetr.models.outputs import GroupOutput
 
 
+def pd_box_selection(teacher_logits: torch.Tensor, assignment: Assignment | None, queries: str,
+                     threshold: float) -> torch.Tensor:
+    """Which queries get a PD box term at one layer: (B, N) bool.
+
+    teacher_logits: (B, N, C) the teacher's logits on the PD queries; assignment: the teacher's
+    Hungarian matching at that layer (per image, query and GT indices) or None; ``queries``:
+    ``matched`` (queries the teacher matched to a GT), ``confident`` (teacher max probability >=
+    ``threshold``), ``matched_or_confident`` or ``all``.
+    """
+    bsz, n, _ = teacher_logits.shape
+    if queries == "all":
+        return torch.ones(bsz, n, dtype=torch.bool, device=teacher_logits.device)
+    keep = torch.zeros(bsz, n, dtype=torch.bool, device=teacher_logits.device)
+    if queries in ("matched", "matched_or_confident"):
+        if assignment is None:
+            raise ValueError(f"distill.pd_box_queries={queries} needs the teacher's matching")
+        for b, (q, _) in enumerate(assignment):
+            keep[b, q.to(keep.device)] = True
+    if queries in ("confident", "matched_or_confident"):
+        keep |= teacher_logits.detach().float().sigmoid().max(-1).values >= threshold
+    elif queries != "matched":
+        raise ValueError(f"unknown distill.pd_box_queries {queries!r}")
+    return keep
+
+
+def pd_box_terms(student_boxes: torch.Tensor, teacher_boxes: torch.Tensor, loss: str,
+                 beta: float) -> dict[str, torch.Tensor]:
+    """Summed box distillation terms over M selected queries. boxes: (M, 4) cxcywh.
+
+    ``smooth_l1`` (per coordinate, transition at ``beta``) and ``l2`` have a gradient that goes to
+    zero with the student-teacher gap, keyed ``l1`` so that they take the L1 weight; ``l1_giou`` is
+    DETR's L1 + GIoU pair, whose gradient keeps its size however close the student is.
+    """
+    if loss == "smooth_l1":
+        return {"l1": F.smooth_l1_loss(student_boxes, teacher_boxes, reduction="sum", beta=beta)}
+    if loss == "l2":
+        return {"l1": F.mse_loss(student_boxes, teacher_boxes, reduction="sum")}
+    if loss == "l1_giou":
+        giou = paired_giou(cxcywh_to_xyxy(student_boxes), cxcywh_to_xyxy(teacher_boxes))
+        return {"l1": F.l1_loss(student_boxes, teacher_boxes, reduction="sum"), "giou": (1 - giou).sum()}
+    raise ValueError(f"unknown distill.pd_box_loss {loss!r}")
+
+
 def prediction_distillation_losses(student: GroupOutput, teacher: GroupOutput, num_boxes: float,
-                                   layers: list[int], beta: float = 2.0, prefix: str = "pd") -> dict[str, torch.Tensor]:
+                                   layers: list[int], beta: float = 2.0, prefix: str = "pd",
+                                   teacher_assignments: Sequence[Assignment] | None = None,
+                                   box_queries: str = "matched_or_confident", box_threshold: float = 0.5,
+                                   box_loss: str = "smooth_l1", box_beta: float = 0.02) -> dict[str, torch.Tensor]:
     """Unweighted PD terms per layer, keyed ``"{prefix}/{cls|l1|giou}/l{layer}"``.
 
     student, teacher: outputs on the same queries, logits (L, B, N, C), boxes (L, B, N, 4).
-    cls: QFL(student logits, y = teacher sigmoid probabilities); l1 / giou: toward the teacher's
-    boxes, each query weighted by the teacher's max class probability. All divided by ``num_boxes``.
+    cls: QFL(student logits, y = teacher sigmoid probabilities) over every query, divided by
+    ``num_boxes``; boxes: only on the queries :func:`pd_box_selection` keeps (using
+    ``teacher_assignments[layer]``), with :func:`pd_box_terms`, divided by their count.
     """
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         s_logits = student.logits[layer].float()
         s_boxes = student.boxes[layer].float()
-        t_prob = teacher.logits[layer].detach().float().sigmoid()
+        t_logits = teacher.logits[layer].detach().float()
         t_boxes = teacher.boxes[layer].detach().float()
-        weight = t_prob.max(-1).values.flatten()  # (B*N,)
-        cls = quality_focal_loss(s_logits, t_prob, beta)
-        s_flat, t_flat = s_boxes.flatten(0, 1), t_boxes.flatten(0, 1)
-        l1 = (F.l1_loss(s_flat, t_flat, reduction="none").sum(-1) * weight).sum()
-        giou = ((1 - paired_giou(cxcywh_to_xyxy(s_flat), cxcywh_to_xyxy(t_flat))) * weight).sum()
-        out[f"{prefix}/cls/l{layer}"] = cls / num_boxes
-        out[f"{prefix}/l1/l{layer}"] = l1 / num_boxes
-        out[f"{prefix}/giou/l{layer}"] = giou / num_boxes
+        out[f"{prefix}/cls/l{layer}"] = quality_focal_loss(s_logits, t_logits.sigmoid(), beta) / num_boxes
+        assignment = teacher_assignments[layer] if teacher_assignments is not None else None
+        keep = pd_box_selection(t_logits, assignment, box_queries, box_threshold)
+        count = max(int(keep.sum()), 1)
+        for term, value in pd_box_terms(s_boxes[keep], t_boxes[keep], box_loss, box_beta).items():
+            out[f"{prefix}/{term}/l{layer}"] = value / count
     return out

@@ -10,7 +10,7 @@ from torch import nn
 from oddetr.distill.distiller import OnlineDistiller
 from oddetr.engine.evaluate import autocast_context
 from oddetr.losses.criterion import SetCriterion
-from oddetr.losses.detection import detection_losses
+from oddetr.losses.detection import detection_losses, main_group_copies
 
 
 def compute_losses(model: nn.Module, criterion: SetCriterion, distiller: OnlineDistiller | None,
@@ -23,8 +23,13 @@ def compute_losses(model: nn.Module, criterion: SetCriterion, distiller: OnlineD
     """
     with autocast_context(images.device, amp):
         plan = distiller.prepare(images, masks, targets) if distiller is not None else None
+        groups = plan.groups if plan is not None else []
+        if criterion.cfg.extra_groups:  # the student's own queries, copied after it makes them
+            copies = main_group_copies(criterion.cfg.extra_groups)
+            teacher_groups = groups
+            groups = lambda initial: [*teacher_groups, *copies(initial)]  # noqa: E731
         # targets: the student builds its denoising groups from them (DINO; training only)
-        out = model(images, masks, extra_groups=plan.groups if plan is not None else (), targets=targets)
+        out = model(images, masks, extra_groups=groups, targets=targets)
     losses, assignments = detection_losses(criterion, out, targets, num_boxes, context)
     weights: dict[str, float] = {}
     if plan is not None:

@@ -31,6 +31,29 @@ def quality_focal_loss(logits: torch.Tensor, soft_targets: torch.Tensor, beta: f
     return (bce * (soft_targets - prob).abs().pow(beta)).sum()
 
 
+def varifocal_loss(logits: torch.Tensor, soft_targets: torch.Tensor, alpha: float = 0.75,
+                   gamma: float = 2.0) -> torch.Tensor:
+    """Summed varifocal loss (VarifocalNet): positives (y > 0) weighted by their target y,
+    ``-y [y log p + (1 - y) log(1 - p)]``; negatives down-weighted, ``-alpha p^gamma log(1 - p)``.
+    logits, soft_targets: same shape."""
+    prob = logits.sigmoid()
+    bce = F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none")
+    weight = torch.where(soft_targets > 0, soft_targets, alpha * prob.detach().pow(gamma))
+    return (bce * weight).sum()
+
+
+def teacher_only_pairs(student: Assignment, teacher: Assignment) -> Assignment:
+    """Per image, the teacher's (query, GT) pairs that the student's assignment does not hold."""
+    out = []
+    for (sq, sg), (tq, tg) in zip(student, teacher):
+        if len(tq) and len(sq):
+            same = ((tq[:, None] == sq[None, :]) & (tg[:, None] == sg[None, :])).any(1)
+            out.append((tq[~same], tg[~same]))
+        else:
+            out.append((tq, tg))
+    return out
+
+
 def _concat(assignment: Assignment, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Assignment -> (batch idx, query idx, gt idx), each (M,) on ``device``."""
     batch = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(assignment)])
@@ -63,22 +86,28 @@ def union_unmatched(student: Assignment, teacher: Assignment, mode: str) -> Assi
 
 
 def classification_targets(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
-                           assignments: Sequence[Assignment], soft: bool) -> torch.Tensor:
+                           assignments: Sequence[Assignment], soft: bool,
+                           box_sources: Sequence[Sequence[torch.Tensor] | None] | None = None) -> torch.Tensor:
     """Targets (B, Q, C) for every assigned (query, GT) pair across ``assignments``.
 
-    Hard (focal): 1 at the GT's class. Soft (QFL): max over the query's targets of
-    IoU(detached predicted box, GT box) at the GT's class, 0 elsewhere.
+    Hard (focal): 1 at the GT's class. Soft (QFL, varifocal): max over the query's targets of the
+    IoU between a box and the GT box at the GT's class, 0 elsewhere. The box of a pair of
+    ``assignments[i]`` is the detached predicted box (``boxes``, (B, Q, 4) cxcywh) unless
+    ``box_sources[i]`` gives other (B, Q, 4) boxes (e.g. the teacher's), where the largest IoU
+    among them counts.
     """
     y = torch.zeros_like(logits, dtype=torch.float32)
-    for assignment in assignments:
+    for i, assignment in enumerate(assignments):
         b, q, g = _concat(assignment, logits.device)
         if len(b) == 0:
             continue
-        labels = torch.cat([targets[i]["labels"][gi.to(logits.device)] for i, (_, gi) in enumerate(assignment)])
+        labels = torch.cat([targets[j]["labels"][gi.to(logits.device)] for j, (_, gi) in enumerate(assignment)])
         if soft:
-            gt_boxes = torch.cat([targets[i]["boxes"][gi.to(logits.device)] for i, (_, gi) in enumerate(assignment)])
-            pred = boxes[b, q].detach().float()
-            value = paired_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt_boxes.float())).clamp(min=0.0)
+            gt_boxes = torch.cat([targets[j]["boxes"][gi.to(logits.device)] for j, (_, gi) in enumerate(assignment)])
+            gt_xyxy = cxcywh_to_xyxy(gt_boxes.float())
+            sources = box_sources[i] if box_sources is not None and box_sources[i] is not None else [boxes]
+            value = torch.stack([paired_iou(cxcywh_to_xyxy(src[b, q].detach().float()), gt_xyxy)
+                                 for src in sources]).amax(0).clamp(min=0.0)
             current = y[b, q, labels]
             y[b, q, labels] = torch.maximum(current, value)
         else:
@@ -89,18 +118,23 @@ def classification_targets(logits: torch.Tensor, boxes: torch.Tensor, targets: S
 def set_losses(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
                cls_assignments: Sequence[Assignment], box_assignment: Assignment, num_boxes: float,
                cls_loss: str = "focal", focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-               qfl_beta: float = 2.0) -> dict[str, torch.Tensor]:
+               qfl_beta: float = 2.0,
+               cls_box_sources: Sequence[Sequence[torch.Tensor] | None] | None = None) -> dict[str, torch.Tensor]:
     """Unweighted ``cls``, ``l1``, ``giou`` of one layer, each summed and divided by ``num_boxes``.
 
     logits: (B, Q, C); boxes: (B, Q, 4) cxcywh in [0, 1]; targets: per image ``labels`` (G,) and
     ``boxes`` (G, 4) cxcywh. ``cls_assignments``: the assignments whose pairs are positives;
-    ``box_assignment``: the pairs that get L1 + GIoU.
+    ``box_assignment``: the pairs that get L1 + GIoU; ``cls_box_sources``: see
+    :func:`classification_targets`. ``cls_loss``: ``focal``, ``qfl`` or ``varifocal``.
     """
     logits = logits.float()
     boxes = boxes.float()
-    y = classification_targets(logits, boxes, targets, cls_assignments, soft=cls_loss == "qfl")
+    y = classification_targets(logits, boxes, targets, cls_assignments, soft=cls_loss != "focal",
+                               box_sources=cls_box_sources)
     if cls_loss == "qfl":
         cls = quality_focal_loss(logits, y, qfl_beta)
+    elif cls_loss == "varifocal":
+        cls = varifocal_loss(logits, y)
     elif cls_loss == "focal":
         cls = sigmoid_focal_loss(logits, y, alpha=focal_alpha, gamma=focal_gamma, reduction="sum")
     else:
@@ -138,20 +172,24 @@ class SetCriterion:
     def group_losses(self, prefix: str, logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
                      assignments: Sequence[Assignment], num_boxes: float, cls_loss: str | None = None,
                      extra_cls: Sequence[Assignment] | None = None,
-                     extra_box: Sequence[Assignment] | None = None) -> dict[str, torch.Tensor]:
+                     extra_box: Sequence[Assignment] | None = None,
+                     extra_cls_boxes: Sequence[Sequence[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """Losses of every supervised layer of one group.
 
         logits: (L, B, Q, C); boxes: (L, B, Q, 4); assignments: one per layer (the pairs that are
         positives and regress boxes). ``extra_cls`` / ``extra_box``: per-layer extra pairs (the
-        teacher's matching in MD) that add positives / box targets.
+        teacher's matching in MD) that add positives / box targets. ``extra_cls_boxes``: per layer,
+        the (B, Q, 4) boxes whose IoU with the GT is the soft target of the ``extra_cls`` pairs
+        (the largest among them; default the predicted boxes).
         """
         cfg = self.cfg
         out: dict[str, torch.Tensor] = {}
         for layer in self.layer_indices(logits.shape[0]):
             cls_sets = [assignments[layer]] + ([extra_cls[layer]] if extra_cls is not None else [])
+            sources = None if extra_cls_boxes is None else [None, extra_cls_boxes[layer]]
             box_pairs = extra_box[layer] if extra_box is not None else assignments[layer]
             terms = set_losses(logits[layer], boxes[layer], targets, cls_sets, box_pairs, num_boxes,
-                               cls_loss or cfg.cls, cfg.focal_alpha, cfg.focal_gamma, cfg.qfl_beta)
+                               cls_loss or cfg.cls, cfg.focal_alpha, cfg.focal_gamma, cfg.qfl_beta, sources)
             for term, value in terms.items():
                 out[f"{prefix}/{term}/l{layer}"] = value
         return out

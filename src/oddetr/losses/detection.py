@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from oddetr.losses.criterion import SetCriterion
 from oddetr.losses.matcher import Assignment
-from oddetr.models.outputs import DetectorOutput
+from oddetr.models.outputs import DetectorOutput, QueryGroup
 
 
 def detection_losses(criterion: SetCriterion, out: DetectorOutput, targets: Sequence[dict], num_boxes: float,
@@ -26,7 +26,27 @@ def detection_losses(criterion: SetCriterion, out: DetectorOutput, targets: Sequ
                                              [enc], num_boxes))
     if out.dn:
         losses.update(denoising_losses(criterion, out, targets, num_boxes))
+    for group in out.extra:
+        if group.name.startswith(COPY_GROUP):  # Group-DETR-style copies: their own matching, the main losses
+            own = criterion.match_layers(group.logits, group.boxes, targets, f"{context} {group.name}".strip())
+            losses.update(criterion.group_losses(group.name, group.logits, group.boxes, targets, own, num_boxes))
     return losses, assignments
+
+
+COPY_GROUP = "copy"
+
+
+def main_group_copies(count: int) -> Callable[[QueryGroup], list[QueryGroup]]:
+    """``loss.extra_groups``: a builder of ``count`` detached copies of the main group's initial queries,
+    named ``copy0``, ``copy1`` ..., for the detector's ``extra_groups`` (training only)."""
+    def build(initial: QueryGroup) -> list[QueryGroup]:
+        copies = []
+        for i in range(count):
+            group = initial.detach()
+            group.name = f"{COPY_GROUP}{i}"
+            copies.append(group)
+        return copies
+    return build
 
 
 def denoising_losses(criterion: SetCriterion, out: DetectorOutput, targets: Sequence[dict],

@@ -20,6 +20,8 @@ Training with extra groups, the teacher pass and plain inference are composition
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
@@ -199,13 +201,18 @@ class DeformableDETR(nn.Module):
         n = self.cfg.dec_layers
         return self.decoder(groups, memory, self.class_heads[:n], self.bbox_heads[:n], self._position_from_reference)
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor, extra_groups: list[QueryGroup] | tuple = (),
+    def forward(self, images: torch.Tensor, masks: torch.Tensor,
+                extra_groups: Sequence[QueryGroup] | Callable[[QueryGroup], Sequence[QueryGroup]] = (),
                 targets: list[dict] | None = None) -> DetectorOutput:
         """images: (B, 3, H, W); masks: (B, H, W) True on padding; extra_groups: decoded with the
-        main group (each sees only itself); targets: per image ``labels``, ``boxes`` cxcywh, used
-        for denoising groups when training with ``model.dn_queries > 0`` (never in eval mode)."""
+        main group (each sees only itself), or a function of this pass's main initial queries that
+        returns them (groups derived from the student's own queries); targets: per image ``labels``,
+        ``boxes`` cxcywh, used for denoising groups when training with ``model.dn_queries > 0``
+        (never in eval mode)."""
         memory = self.encode(images, masks)
         initial, proposals = self.initial_queries(memory)
+        if callable(extra_groups):
+            extra_groups = extra_groups(initial)
         groups = [initial, *extra_groups]
         dn_groups: list[QueryGroup] = []
         meta = None
