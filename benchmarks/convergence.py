@@ -1,13 +1,16 @@
-"""Convergence benchmark: baseline vs each OD-DETR part vs full OD-DETR, several seeds, same budget.
+"""Convergence benchmark: baseline, controls, each OD-DETR part and full OD-DETR, several seeds, same budget.
 
-    python benchmarks/convergence.py                     # defaults: 6 variants x 3 seeds, tiny model
-    python benchmarks/convergence.py --seeds 0 --epochs 4 --out /tmp/conv   # a quick look
+    python benchmarks/convergence.py --part headline    # deformable-detr-tiny: baseline, extra group, OD-DETR
+    python benchmarks/convergence.py --part parts       # MD, PD, AUX alone, the pairs, full without mdpd
+    python benchmarks/convergence.py --part dab-dino    # DAB and DINO tiny: baseline and OD-DETR
+    python benchmarks/convergence.py --part headline --seeds 0 --epochs 2 --out /tmp/conv   # a quick look
 
-Every run trains the same preset on the same synthetic data for the same number of epochs
-(and optimiser steps); only the variant's switches differ. Writes into ``--out`` (default
-``docs/``): ``convergence.md`` (the table), ``convergence.json`` (every run's per-epoch
-metrics), ``convergence_ap.png`` and ``convergence_instability.png``. Runs go in parallel
-(``--jobs``), each pinned to ``torch`` threads = cores / jobs.
+Each part is meant to run in one sitting (about an hour on 2 cores) and writes its own results into
+``--out``/``<part>/`` (default ``docs/convergence/``): ``convergence.md`` (the table and every target,
+met or missed, with its figure), ``convergence.json`` (every run's per-epoch metrics) and plots. Every
+run of a part trains the same preset on the same synthetic data for the same number of optimiser steps;
+only the variant's switches differ. Runs go in parallel (``--jobs``), each pinned to ``torch`` threads =
+cores / jobs; a finished run (its ``metrics.jsonl`` complete) is reused, so an interrupted part resumes.
 """
 
 from __future__ import annotations
@@ -20,43 +23,96 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+ON = "distill.enabled=true"
 VARIANTS: dict[str, list[str]] = {
     "baseline": ["distill.enabled=false"],
     "baseline+QFL": ["distill.enabled=false", "loss.cls=qfl"],
-    "MD": ["distill.enabled=true", "distill.md=true", "distill.pd=false", "distill.aux=false"],
-    "PD": ["distill.enabled=true", "distill.md=false", "distill.pd=true", "distill.aux=false"],
-    "AUX": ["distill.enabled=true", "distill.md=false", "distill.pd=false", "distill.aux=true"],
-    "OD-DETR": ["distill.enabled=true", "distill.md=true", "distill.pd=true", "distill.aux=true"],
+    # the control for the PD group: the same number of extra queries (detached copies of the student's own),
+    # matched by their own Hungarian step, no EMA teacher at all
+    "extra group, no teacher": ["distill.enabled=false", "loss.extra_groups=1"],
+    "MD": [ON, "distill.md=true", "distill.pd=false", "distill.aux=false"],
+    "PD": [ON, "distill.md=false", "distill.pd=true", "distill.aux=false"],
+    "AUX": [ON, "distill.md=false", "distill.pd=false", "distill.aux=true"],
+    "MD+AUX": [ON, "distill.md=true", "distill.pd=false", "distill.aux=true"],
+    "PD+AUX": [ON, "distill.md=false", "distill.pd=true", "distill.aux=true"],
+    "OD-DETR w/o mdpd": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true", "distill.md_on_pd=false"],
+    "OD-DETR": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true"],
+}
+DISTILLED = {v for v, keys in VARIANTS.items() if ON in keys}
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The synthetic set and schedule of a part (all runs of a part share them)."""
+
+    name: str
+    image_size: int
+    num_train: int
+    num_val: int
+    max_objects: int
+    epochs: int
+    batch_size: int = 8
+
+    def steps(self, epochs: int | None = None) -> int:
+        return (epochs or self.epochs) * (self.num_train // self.batch_size)
+
+    def overrides(self, epochs: int | None = None) -> list[str]:
+        s = self.image_size
+        # EMA horizon 1 / (1 - m) at ~4% of the run (METHOD.md: a few percent), warm-up tau = the horizon
+        horizon = max(20, round(0.04 * self.steps(epochs)))
+        return [
+            f"data.synthetic.num_train={self.num_train}", f"data.synthetic.num_val={self.num_val}",
+            f"data.synthetic.image_size={s}", f"data.synthetic.max_objects={self.max_objects}",
+            f"data.scales=[{s - s // 8},{s},{s + s // 8}]", f"data.max_size={s * 3 // 2}",
+            "data.num_workers=0", f"train.batch_size={self.batch_size}", "train.warmup_steps=50",
+            "train.instability_probe=64", "eval.batch_size=32", "train.keep_checkpoints=0", "train.save_best=false",
+            f"distill.ema_decay={1 - 1 / horizon:.6f}", f"distill.ema_tau={horizon}",
+        ]
+
+
+# headline: a regime where the baseline is a detector (AP >= 0.30); parts: a cheaper one for the ablations
+HEADLINE = Regime("headline", image_size=96, num_train=512, num_val=128, max_objects=8, epochs=16)
+CHEAP = Regime("cheap", image_size=64, num_train=256, num_val=64, max_objects=6, epochs=10)
+
+
+@dataclass(frozen=True)
+class Part:
+    models: tuple[str, ...]
+    variants: tuple[str, ...]
+    regime: Regime
+
+
+PARTS: dict[str, Part] = {
+    "headline": Part(("deformable-detr-tiny",), ("baseline", "extra group, no teacher", "OD-DETR"), HEADLINE),
+    "parts": Part(("deformable-detr-tiny",), ("baseline", "MD", "PD", "AUX", "MD+AUX", "PD+AUX",
+                                              "OD-DETR w/o mdpd", "OD-DETR"), CHEAP),
+    "dab-dino": Part(("dab-deformable-detr-tiny", "dino-tiny"), ("baseline", "OD-DETR"), HEADLINE),
 }
 
-# the benchmark's data and schedule: small enough that 18 runs fit in well under 90 min on 2 cores
-BENCH_OVERRIDES = [
-    "data.synthetic.num_train=256", "data.synthetic.num_val=64", "data.synthetic.image_size=64",
-    "data.synthetic.max_objects=6", "data.scales=[56,64,72]", "data.max_size=96",
-    "data.num_workers=0", "train.batch_size=8", "train.warmup_steps=30", "train.instability_probe=64",
-    "eval.batch_size=32", "train.keep_checkpoints=0", "train.save_best=false",
-    "distill.ema_decay=0.98", "distill.ema_tau=30", "distill.warmup_steps=30",
-]
 
-
-def run_one(model: str, variant: str, seed: int, epochs: int, runs_root: Path, threads: int, extra: list[str],
-            data_root: str) -> dict:
-    run_dir = runs_root / model / variant.replace("+", "_") / f"seed{seed}"
+def run_one(model: str, variant: str, seed: int, regime: Regime, epochs: int, runs_root: Path, threads: int,
+            extra: list[str]) -> dict:
+    slug = variant.replace("+", "_").replace(",", "").replace("/", "").replace(" ", "_")
+    run_dir = runs_root / regime.name / model / slug / f"seed{seed}"
     metrics = run_dir / "metrics.jsonl"
+    record = {"model": model, "variant": variant, "seed": seed, "dir": str(run_dir)}
     if metrics.is_file() and len(metrics.read_text().splitlines()) >= epochs:
-        return {"model": model, "variant": variant, "seed": seed, "dir": str(run_dir), "cached": True}
+        return {**record, "cached": True}
+    data_root = Path(f"~/.cache/oddetr/synthetic-bench-{regime.name}").expanduser()
     cmd = [sys.executable, "-m", "oddetr", "train", f"model={model}", f"output={run_dir}", "overwrite=true",
-           f"seed={seed}", f"train.epochs={epochs}", f"data.synthetic.root={data_root}", *BENCH_OVERRIDES,
-           *VARIANTS[variant], *extra]
+           f"seed={seed}", f"train.epochs={epochs}", f"data.synthetic.root={data_root}",
+           *regime.overrides(epochs), *VARIANTS[variant], *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{model} {variant} seed {seed} failed:\n{proc.stderr[-2000:]}")
-    print(f"done {model:<24} {variant:<13} seed {seed}  {time.time() - t0:6.0f} s", flush=True)
-    return {"model": model, "variant": variant, "seed": seed, "dir": str(run_dir), "seconds": time.time() - t0}
+    seconds = time.time() - t0
+    print(f"done {model:<24} {variant:<24} seed {seed}  {seconds:6.0f} s", flush=True)
+    return {**record, "seconds": seconds}
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -77,37 +133,54 @@ def epochs_to_reach(curve: list[float], threshold: float) -> int | None:
     return None
 
 
+def mean_curve(curves: list[list[float | None]]) -> list[float]:
+    n = min(len(c) for c in curves)
+    return [statistics.fmean([c[i] for c in curves if c[i] is not None] or [0.0]) for i in range(n)]
+
+
+def teacher_lead(student: list[float | None], teacher: list[float | None]) -> list[float]:
+    """Teacher AP minus student AP at every evaluated epoch of the last third of a run."""
+    n = len(student)
+    start = n - max(1, n // 3)
+    return [t - s for s, t in zip(student[start:], teacher[start:]) if s is not None and t is not None]
+
+
 def summarize(runs: list[dict], epochs: int) -> dict:
-    """Per (model, variant): mean/std over seeds of final AP, epochs-to-baseline, mean instability."""
-    table: dict = {}
+    """Per (model, variant): mean/std over seeds of final AP, epochs to the baseline's final AP,
+    mean instability, and the teacher's lead over the last third of each run."""
     curves: dict = {}
+    seconds: dict = {}
     for r in runs:
         recs = read_metrics(r["dir"])[:epochs]
-        key = (r["model"], r["variant"])
-        c = curves.setdefault(key, {"student/AP": [], "teacher/AP": [], "student/instability": [],
-                                    "teacher/instability": []})
+        c = curves.setdefault((r["model"], r["variant"]), {"student/AP": [], "teacher/AP": [],
+                                                           "student/instability": [], "teacher/instability": []})
         for name in c:
             c[name].append([rec.get(name) for rec in recs])
-    for (model, variant), c in curves.items():
-        row = {}
+        seconds.setdefault((r["model"], r["variant"]), []).append(
+            statistics.median([rec["time/epoch_s"] for rec in recs if "time/epoch_s" in rec] or [float("nan")]))
+    table: dict = {}
+    for key, c in curves.items():
+        row: dict = {"epoch_s": statistics.fmean(seconds[key])}
         for who in ("student", "teacher"):
-            finals = [curve[-1] for curve in c[f"{who}/AP"] if curve and curve[-1] is not None]
-            row[f"{who}_final_ap"] = mean_std(finals)
-            inst = [statistics.fmean([v for v in curve if v is not None]) for curve in c[f"{who}/instability"]
-                    if any(v is not None for v in curve)]
-            row[f"{who}_instability"] = mean_std(inst)
-        table[(model, variant)] = row
+            row[f"{who}_final_ap"] = mean_std([cv[-1] for cv in c[f"{who}/AP"] if cv and cv[-1] is not None])
+            row[f"{who}_instability"] = mean_std(
+                [statistics.fmean([v for v in cv if v is not None]) for cv in c[f"{who}/instability"]
+                 if any(v is not None for v in cv)])
+        if any(v is not None for cv in c["teacher/AP"] for v in cv):
+            leads = [teacher_lead(s, t) for s, t in zip(c["student/AP"], c["teacher/AP"])]
+            row["teacher_lead"] = {"min": min(min(lead) for lead in leads),
+                                   "mean": statistics.fmean([v for lead in leads for v in lead]),
+                                   "ok": sum(v >= 0 for lead in leads for v in lead),
+                                   "n": sum(len(lead) for lead in leads)}
+        table[key] = row
     for (model, variant), c in curves.items():
         base = table.get((model, "baseline"))
         if base is None:
             continue
         target = base["student_final_ap"][0]
-        reach = []
-        for who in ("student", "teacher"):
-            mean_curve = [statistics.fmean([cv[i] for cv in c[f"{who}/AP"] if cv[i] is not None] or [0.0])
-                          for i in range(min(len(cv) for cv in c[f"{who}/AP"]))] if c[f"{who}/AP"][0] else []
-            reach.append(epochs_to_reach(mean_curve, target) if mean_curve else None)
-        table[(model, variant)]["epochs_to_baseline"] = reach
+        table[(model, variant)]["epochs_to_baseline"] = [
+            epochs_to_reach(mean_curve(c[f"{who}/AP"]), target) if c[f"{who}/AP"][0] and
+            c[f"{who}/AP"][0][0] is not None else None for who in ("student", "teacher")]
     return {"table": table, "curves": curves}
 
 
@@ -116,37 +189,93 @@ def fmt(ms: tuple[float, float], digits: int = 3) -> str:
     return "n/a" if m != m else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def write_report(summary: dict, out: Path, epochs: int, seeds: list[int], command: str, elapsed: float) -> None:
+def check_targets(part: str, table: dict, epochs: int) -> list[str]:
+    """One line per target of issue 8 that this part measures: met or missed, with its figure."""
+    lines = []
+
+    def mark(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    def ap(model: str, variant: str) -> float | None:
+        row = table.get((model, variant))
+        return None if row is None else row["student_final_ap"][0]
+
+    for model in sorted({m for m, _ in table}):
+        base = ap(model, "baseline")
+        if base is None:
+            continue
+        full = ap(model, "OD-DETR")
+        if part == "headline":
+            lines.append(f"- {model}: baseline final AP >= 0.30: {base:.3f} {mark(base >= 0.30)}")
+        if full is not None:
+            need = {"dino-tiny": 0.01}.get(model, 0.02)
+            lines.append(f"- {model}: OD-DETR >= baseline + {need * 100:.0f} AP: {full:.3f} vs {base:.3f} "
+                         f"({(full - base) * 100:+.1f} AP) {mark(full >= base + need)}")
+        group = ap(model, "extra group, no teacher")
+        if full is not None and group is not None:
+            lines.append(f"- {model}: OD-DETR >= extra group, no teacher + 1 AP: {full:.3f} vs {group:.3f} "
+                         f"({(full - group) * 100:+.1f} AP) {mark(full >= group + 0.01)}")
+        for variant in ("MD", "PD", "AUX"):
+            alone = ap(model, variant)
+            if alone is not None:
+                lines.append(f"- {model}: {variant} alone >= baseline - 0.5 AP: {alone:.3f} vs {base:.3f} "
+                             f"({(alone - base) * 100:+.1f} AP) {mark(alone >= base - 0.005)}")
+        for (m, variant), row in table.items():
+            if m != model or variant not in DISTILLED or "teacher_lead" not in row:
+                continue
+            lead = row["teacher_lead"]
+            lines.append(f"- {model} {variant}: teacher AP >= student AP over the last third of every run: "
+                         f"{lead['ok']}/{lead['n']} evaluations, mean lead {lead['mean'] * 100:+.2f} AP, "
+                         f"worst {lead['min'] * 100:+.2f} AP {mark(lead['ok'] == lead['n'])}")
+        row = table.get((model, "OD-DETR"))
+        if row is not None:
+            reach = row["epochs_to_baseline"][0]
+            frac = None if reach is None else reach / epochs
+            lines.append(f"- {model}: OD-DETR reaches the baseline's final AP in <= 60% of the steps: "
+                         f"{'never' if reach is None else f'epoch {reach} of {epochs} ({frac:.0%})'} "
+                         f"{mark(frac is not None and frac <= 0.6)}")
+            b_inst, f_inst = table[(model, "baseline")]["student_instability"][0], row["student_instability"][0]
+            if b_inst == b_inst and f_inst == f_inst and b_inst > 0:
+                lines.append(f"- {model}: instability <= 0.6x baseline: {f_inst:.3f} vs {b_inst:.3f} "
+                             f"({f_inst / b_inst:.2f}x) {mark(f_inst <= 0.6 * b_inst)}")
+    return lines
+
+
+def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[int], regime: Regime,
+                 command: str, elapsed: float) -> None:
     from oddetr.evaluation.plots import plot_curves
 
     lines = [f"Command: `{command}`", "",
-             f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {epochs} epochs each, wall time {elapsed / 60:.1f} min.",
-             "Final AP: mean ± std over seeds at the last epoch. Epochs to baseline: first epoch where the mean "
-             "curve reaches the baseline student's final mean AP (student / teacher). Instability: mean over "
-             "epochs 2..N of the per-epoch matching instability, then mean ± std over seeds.", "",
+             f"Part `{part}`, regime `{regime.name}`: synthetic shapes {regime.image_size} px, "
+             f"{regime.num_train} train / {regime.num_val} val images, 1 to {regime.max_objects} objects, "
+             f"6 classes; batch {regime.batch_size}, {epochs} epochs ({regime.steps(epochs)} optimiser steps); "
+             f"EMA and warm-up: `{' '.join(regime.overrides(epochs)[-2:])}`.",
+             f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), wall time {elapsed / 60:.1f} min.",
+             "Final AP: mean ± std over seeds at the last epoch (synthetic val split). Epochs to baseline: first "
+             "epoch where the mean curve reaches the baseline student's final mean AP (student / teacher). "
+             "Instability: mean over epochs 2..N of the per-epoch matching instability, then mean ± std over seeds "
+             "(lower is stabler). Epoch time: median seconds per training epoch (machine shared, indicative).", "",
              "| model | variant | student AP | teacher AP | epochs to baseline AP (student / teacher) | "
-             "student instability | teacher instability |",
-             "|---|---|---|---|---|---|---|"]
+             "student instability | teacher instability | epoch s |",
+             "|---|---|---|---|---|---|---|---|"]
     for (model, variant), row in summary["table"].items():
         reach = row.get("epochs_to_baseline", [None, None])
         reach_s = " / ".join("—" if r is None else str(r) for r in reach)
         lines.append(f"| {model} | {variant} | {fmt(row['student_final_ap'])} | {fmt(row['teacher_final_ap'])} | "
-                     f"{reach_s} | {fmt(row['student_instability'])} | {fmt(row['teacher_instability'])} |")
+                     f"{reach_s} | {fmt(row['student_instability'])} | {fmt(row['teacher_instability'])} | "
+                     f"{row['epoch_s']:.1f} |")
+    lines += ["", "Targets (issue 8):", *check_targets(part, summary["table"], epochs)]
     (out / "convergence.md").write_text("\n".join(lines) + "\n")
-    models = sorted({m for m, _ in summary["curves"]})
     for metric, ylabel in (("AP", "COCO AP (val)"), ("instability", "matching instability")):
-        for model in models:
+        for model in sorted({m for m, _ in summary["curves"]}):
             curves = {}
             for (m, variant), c in summary["curves"].items():
-                if m != model:
-                    continue
                 for who in ("student", "teacher"):
                     runs = [cv for cv in c[f"{who}/{metric}"] if cv]
-                    if not runs or all(v is None for v in runs[0]):
+                    if m != model or not runs or all(v is None for v in runs[0]):
                         continue
-                    n = min(len(cv) for cv in runs)
                     xs, means, stds = [], [], []
-                    for i in range(n):
+                    for i in range(min(len(cv) for cv in runs)):
                         vals = [cv[i] for cv in runs if cv[i] is not None]
                         if vals:
                             xs.append(i + 1)
@@ -154,39 +283,40 @@ def write_report(summary: dict, out: Path, epochs: int, seeds: list[int], comman
                             means.append(m_)
                             stds.append(s_)
                     curves[f"{variant} ({who})"] = (xs, means, stds)
-            suffix = "" if len(models) == 1 else f"_{model}"
             plot_curves(curves, f"{model}: {metric} per epoch (mean ± std over seeds)", ylabel,
-                        out / f"convergence_{metric.lower()}{suffix}.png")
+                        out / f"convergence_{metric.lower()}_{model}.png")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["deformable-detr-tiny"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--part", required=True, choices=list(PARTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: the part's")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, help="default: the part's regime")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", default="docs")
-    parser.add_argument("--data-root", default="~/.cache/oddetr/synthetic-bench64")
+    parser.add_argument("--out", default="docs/convergence")
     parser.add_argument("--runs", default="runs/convergence", help="where the individual runs go (not committed)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
-    out = Path(args.out)
+    part = PARTS[args.part]
+    epochs = args.epochs or part.regime.epochs
+    out = Path(args.out) / args.part
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
-    jobs = [(m, v, s) for s in args.seeds for m in args.models for v in args.variants]
+    variants = args.variants or list(part.variants)
+    jobs = [(m, v, s) for s in args.seeds for m in part.models for v in variants]
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda j: run_one(*j, args.epochs, Path(args.runs), threads, args.overrides,
-                                               str(Path(args.data_root).expanduser())), jobs))
+        runs = list(pool.map(lambda j: run_one(*j, part.regime, epochs, Path(args.runs), threads, args.overrides),
+                             jobs))
     elapsed = time.time() - start
-    summary = summarize(runs, args.epochs)
+    summary = summarize(runs, epochs)
     command = "python benchmarks/convergence.py " + " ".join(sys.argv[1:])
-    write_report(summary, out, args.epochs, args.seeds, command.strip(), elapsed)
+    write_report(args.part, summary, out, epochs, args.seeds, part.regime, command.strip(), elapsed)
     serial = {f"{m}|{v}": row for (m, v), row in summary["table"].items()}
     curves = {f"{m}|{v}": c for (m, v), c in summary["curves"].items()}
     (out / "convergence.json").write_text(json.dumps({"table": serial, "curves": curves, "runs": runs,
-                                                      "epochs": args.epochs, "seeds": args.seeds}, indent=1))
+                                                      "epochs": epochs, "seeds": args.seeds}, indent=1))
     print((out / "convergence.md").read_text())
 
 
