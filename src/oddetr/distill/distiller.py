@@ -22,6 +22,7 @@ from oddetr.config import Config
 from oddetr.distill.ema import EmaTeacher
 from oddetr.distill.groups import AuxGroup, aux_group, prediction_group, select_aux_queries
 from oddetr.distill.losses import prediction_distillation_losses
+from oddetr.distill.two_stage import main_group_teacher_assignments
 from oddetr.losses.criterion import SetCriterion, union_unmatched
 from oddetr.losses.matcher import Assignment
 from oddetr.models.outputs import DetectorOutput, QueryGroup
@@ -47,9 +48,9 @@ class OnlineDistiller:
         self.teacher = EmaTeacher(student, cfg.distill.ema_decay, cfg.distill.ema_tau)
         warmup = cfg.distill.warmup_steps
         self.warmup_steps = int(cfg.distill.ema_tau) if warmup < 0 else warmup
-        # two-stage models pick their main queries per image, so they only correspond to the
-        # teacher's queries index-for-index in the PD group: MD runs there
-        self.md_on_main = self.cfg.md and not cfg.model.two_stage
+        # two-stage models pick their main queries per image: MD on the main group maps the teacher's
+        # matching through shared encoder positions (distill.two_stage), and runs on the PD group too
+        self.md_on_main = self.cfg.md
         self.md_on_pd = self.cfg.md and (cfg.model.two_stage or self.cfg.pd)
         self.uses_pd_group = self.cfg.pd or self.md_on_pd
         # AUX queries reuse the teacher's learned positional queries only where the model has them
@@ -118,9 +119,10 @@ class OnlineDistiller:
         losses: dict[str, torch.Tensor] = {}
         teacher_assign = plan.teacher_assignments
         if self.md_on_main:
-            boxes = [union_unmatched(s, t, self.cfg.md_box) for s, t in zip(student_assignments, teacher_assign)]
+            main_assign = main_group_teacher_assignments(teacher_assign, plan.teacher, out)
+            boxes = [union_unmatched(s, t, self.cfg.md_box) for s, t in zip(student_assignments, main_assign)]
             losses.update(crit.group_losses("md", out.main.logits, out.main.boxes, targets, student_assignments,
-                                            num_boxes, cls_loss="qfl", extra_cls=teacher_assign, extra_box=boxes))
+                                            num_boxes, cls_loss="qfl", extra_cls=main_assign, extra_box=boxes))
         if self.md_on_pd:
             pd_out = extras["pd"]
             own = crit.match_layers(pd_out.logits, pd_out.boxes, targets, context="pd group")
