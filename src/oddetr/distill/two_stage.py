@@ -6,6 +6,10 @@ same flattened encoder positions, though, so a proposal's position is its identi
 (query, GT) pair maps to the student query at the same position. Teacher pairs whose position is
 not among the student's top-K have no counterpart and are dropped (the student's own matching
 still covers every GT).
+
+The same lookup with the arguments swapped, ``student_index_of_teacher(student_pos, teacher_pos)``,
+gives for every student query the teacher query at its position (-1 if none), e.g. to read the
+teacher's box for a student query.
 """
 
 from __future__ import annotations
