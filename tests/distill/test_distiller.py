@@ -99,11 +99,11 @@ def test_group_weights_explicit_warmup_and_two_stage():
     _, _, _, distiller = tiny_setup("distill.warmup_steps=0")
     assert distiller.ramp() == 1.0
     assert distiller.group_weights()["main"] == pytest.approx(0.0)
-    # two-stage: MD lives on the PD group, the main group keeps weight 1
+    # two-stage: MD on the main group (through encoder positions) and on the PD group
     _, _, _, distiller = tiny_setup("model.two_stage=true", "distill.warmup_steps=4")
     distiller.teacher.step = 1
     w = distiller.group_weights()
-    assert "main" not in w and "md" not in w
+    assert w["main"] == pytest.approx(0.75) and w["md"] == pytest.approx(0.25)
     assert w["mdpd"] == pytest.approx(0.25) and w["pd"] == pytest.approx(0.25)
 
 
@@ -166,15 +166,15 @@ def test_switches_give_exactly_the_expected_loss_groups(switches, expected):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-@pytest.mark.parametrize(("pd", "expected"), [(True, {"main", "enc", "mdpd", "pd"}), (False, {"main", "enc", "mdpd"})])
-def test_two_stage_md_runs_on_the_pd_group(pd, expected):
+@pytest.mark.parametrize(("pd", "expected"), [(True, {"main", "enc", "md", "mdpd", "pd"}),
+                                               (False, {"main", "enc", "md", "mdpd"})])
+def test_two_stage_md_runs_on_the_main_and_pd_groups(pd, expected):
     _, student, criterion, distiller = tiny_setup("model.two_stage=true", "distill.aux=false",
                                                   f"distill.pd={str(pd).lower()}")
     images, masks = images_and_masks()
     targets = fixed_targets()
     losses, total = compute_losses(student, criterion, distiller, images, masks, targets, 4.0)
     assert _groups(losses) == expected
-    assert not any(k.startswith("md/") for k in losses)
     assert torch.isfinite(total)
 
 

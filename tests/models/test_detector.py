@@ -64,7 +64,7 @@ def test_forward_shapes_learned_queries(tiny_config):
     assert [tuple(r.shape) for r in out.main.references] == [(2, Q, 2)] + [(2, Q, 4)] * L
     assert ((out.main.boxes >= 0) & (out.main.boxes <= 1)).all()
     assert out.pred_logits.shape == (2, Q, NUM_CLASSES) and torch.equal(out.pred_boxes, out.main.boxes[-1])
-    assert out.encoder is None and out.extra == []
+    assert out.encoder is None and out.extra == [] and out.query_positions is None
     assert out.initial.content.shape == out.initial.position.shape == (2, Q, D)
     assert out.initial.reference.shape == (2, Q, 2)
     # box refinement: one head per layer, distinct modules
@@ -80,6 +80,8 @@ def test_forward_shapes_two_stage(tiny_config):
     assert out.encoder.logits.shape == (2, memory_len, NUM_CLASSES)
     assert out.encoder.boxes.shape == (2, memory_len, 4)
     assert out.encoder.topk.shape == (2, Q)
+    # each main query's encoder position, its identity for MD and the instability metric
+    assert out.query_positions.dtype == torch.int64 and torch.equal(out.query_positions, out.encoder.topk)
     assert out.main.logits.shape == (L, 2, Q, NUM_CLASSES)
     assert [tuple(r.shape) for r in out.main.references] == [(2, Q, 4)] * (L + 1)
     # the main group's initial references are the chosen proposals' boxes

@@ -22,6 +22,7 @@ from oddetr.config import Config
 from oddetr.distill.ema import EmaTeacher
 from oddetr.distill.groups import AuxGroup, aux_group, prediction_group, select_aux_queries
 from oddetr.distill.losses import prediction_distillation_losses
+from oddetr.distill.two_stage import main_group_teacher_assignments, main_group_teacher_boxes
 from oddetr.losses.criterion import SetCriterion, teacher_only_pairs, union_unmatched
 from oddetr.losses.matcher import Assignment
 from oddetr.models.outputs import DetectorOutput, GroupOutput, QueryGroup
@@ -47,9 +48,9 @@ class OnlineDistiller:
         self.teacher = EmaTeacher(student, cfg.distill.ema_decay, cfg.distill.ema_tau)
         warmup = cfg.distill.warmup_steps
         self.warmup_steps = int(cfg.distill.ema_tau) if warmup < 0 else warmup
-        # two-stage models pick their main queries per image, so they only correspond to the
-        # teacher's queries index-for-index in the PD group: MD runs there
-        self.md_on_main = self.cfg.md and not cfg.model.two_stage
+        # two-stage models pick their main queries per image: MD on the main group maps the teacher's
+        # matching through shared encoder positions (distill.two_stage), and runs on the PD group too
+        self.md_on_main = self.cfg.md
         self.md_on_pd = self.cfg.md and self.cfg.md_on_pd and (cfg.model.two_stage or self.cfg.pd)
         self.uses_pd_group = self.cfg.pd or self.md_on_pd
         # the teacher's own matching: for MD, and for choosing the queries PD regresses boxes on
@@ -121,7 +122,10 @@ class OnlineDistiller:
         teacher_assign = plan.teacher_assignments
         teacher_boxes = plan.teacher.main.boxes  # (L, B, Q, 4), index-aligned with the main and PD queries
         if self.md_on_main:
-            losses.update(self._md_losses("md", out.main, student_assignments, teacher_assign, teacher_boxes,
+            # two-stage: the teacher's pairs and boxes in the student's main-query indices (shared positions)
+            main_assign = main_group_teacher_assignments(teacher_assign, plan.teacher, out)
+            main_boxes = main_group_teacher_boxes(teacher_boxes, plan.teacher, out)
+            losses.update(self._md_losses("md", out.main, student_assignments, main_assign, main_boxes,
                                           targets, num_boxes))
         if self.md_on_pd:
             pd_out = extras["pd"]

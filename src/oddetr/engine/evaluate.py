@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from oddetr.engine import distributed as dist
 from oddetr.evaluation.coco_eval import detections_from_predictions, evaluate_coco
-from oddetr.evaluation.instability import assignment_map
+from oddetr.evaluation.instability import assignment_map, positions_of_queries
 from oddetr.losses.matcher import HungarianMatcher
 from oddetr.models.postprocess import postprocess
 
@@ -68,13 +68,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, coco_gt
 @torch.no_grad()
 def probe_assignment(model: nn.Module, loader: DataLoader, matcher: HungarianMatcher,
                      device: torch.device) -> dict[tuple[int, int], int]:
-    """Which query each probe GT is Hungarian-matched to (final decoder layer, main group)."""
+    """Which query each probe GT is Hungarian-matched to (final decoder layer, main group).
+
+    A query is named by its index, or by its encoder position for two-stage models."""
     model.eval()
     out_map: dict[tuple[int, int], int] = {}
     for images, masks, targets in loader:
         images, masks, targets = move_batch(images, masks, targets, device)
         out = model(images, masks)
         indices = matcher(out.pred_logits, out.pred_boxes, targets, context="instability probe")
+        if out.query_positions is not None:
+            indices = positions_of_queries(indices, out.query_positions)
         out_map.update(assignment_map([int(t["image_id"]) for t in targets], indices))
     merged: dict[tuple[int, int], int] = {}
     for part in dist.gather_objects(out_map):

@@ -5,6 +5,11 @@ probe set are Hungarian-matched to the GT, and :func:`assignment_map` records wh
 each GT box got. ``IS(e)`` = :func:`instability` of the maps of epochs ``e-1`` and ``e``:
 the fraction of GT boxes whose query changed. :func:`select_probe_indices` picks the probe
 set once, by seed.
+
+A two-stage model's main queries are its top-K encoder proposals in score order, so a query's
+index says little about which proposal it is (a small change of scores reorders them); its
+identity is its encoder position. :func:`positions_of_queries` turns the matcher's query indices
+into those positions before :func:`assignment_map` records them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from oddetr.errors import ConfigError
 
-__all__ = ["assignment_map", "instability", "select_probe_indices"]
+__all__ = ["assignment_map", "instability", "positions_of_queries", "select_probe_indices"]
 
 AssignmentMap = dict[tuple[int, int], int]
 
@@ -53,6 +58,26 @@ def assignment_map(
                 raise ValueError(f"image {image_id}: GT {g} is matched twice")
             out[key] = int(q)
     return out
+
+
+def positions_of_queries(
+    indices: Sequence[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Replace each matched query index by its encoder position (two-stage models).
+
+    Args:
+        indices: per image, ``(query_idx, gt_idx)`` LongTensors, both ``(K_i,)``.
+        positions: ``(B, Q)`` int64, the encoder position of every main query
+            (:attr:`DetectorOutput.query_positions`).
+
+    Returns:
+        per image, ``(position, gt_idx)``, the same pairs keyed by position, on the CPU.
+    """
+    if len(indices) != positions.shape[0]:
+        raise ValueError(f"positions_of_queries: {len(indices)} images but positions of shape {tuple(positions.shape)}")
+    positions = positions.detach().cpu()
+    return [(positions[b, torch.as_tensor(q).cpu().long()], torch.as_tensor(g).cpu())
+            for b, (q, g) in enumerate(indices)]
 
 
 def instability(previous: Mapping[tuple[int, int], int], current: Mapping[tuple[int, int], int]) -> float:

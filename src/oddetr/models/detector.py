@@ -221,7 +221,7 @@ class DeformableDETR(nn.Module):
         outs = self.decode(memory, groups + dn_groups)
         n = len(groups)
         return DetectorOutput(main=outs[0], initial=initial, extra=outs[1:n], encoder=proposals, dn=outs[n:],
-                              dn_meta=meta)
+                              dn_meta=meta, query_positions=None if proposals is None else proposals.topk)
 
     # ------------------------------------------------------------------ helpers
 

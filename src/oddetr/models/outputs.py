@@ -131,6 +131,10 @@ class DetectorOutput:
     encoder: two-stage encoder proposals (None for learned / anchor queries)
     dn:      outputs of the denoising groups (training with targets and ``model.dn_queries > 0``)
     dn_meta: where the DN queries are and their targets (None without DN)
+    query_positions: (B, K) int64, two-stage models only: the encoder position of every main
+             query (its index into the flattened multi-level memory, S axis of :class:`Memory`).
+             Teacher and student pick their queries from the same positions, so a position is a
+             query's identity across models and epochs; None for learned / anchor queries
     """
 
     main: GroupOutput
@@ -139,6 +143,7 @@ class DetectorOutput:
     encoder: EncoderProposals | None = None
     dn: list[GroupOutput] = field(default_factory=list)
     dn_meta: DenoisingMeta | None = None
+    query_positions: torch.Tensor | None = None
 
     @property
     def pred_logits(self) -> torch.Tensor:
