@@ -14,14 +14,14 @@ from oddetr.errors import ConfigError, OddetrError
 USAGE = """oddetr COMMAND [--config FILE] [key=value ...]
 
 commands:
-  train     train a detector (default: deformable-detr-tiny on the embedded synthetic dataset)
+  train     train a detector (default: deformable-detr-tiny with OD-DETR on the embedded synthetic dataset)
   eval      evaluate a checkpoint: oddetr eval checkpoint=FILE [data.val.* keys]
   predict   draw and save detections: oddetr predict checkpoint=FILE images=DIR_OR_FILE output=DIR
   presets   list the built-in presets
 
 examples:
   oddetr train model=deformable-detr-tiny train.epochs=10 output=runs/tiny
-  oddetr train distill.enabled=true output=runs/od-detr
+  oddetr train distill.enabled=false output=runs/baseline
   oddetr train data.train.images=DIR data.train.annotations=FILE data.val.images=DIR data.val.annotations=FILE
   oddetr train data.train.format=voc data.train.root=VOC2007 data.train.split=trainval \\
                data.val.format=voc data.val.root=VOC2007 data.val.split=test
