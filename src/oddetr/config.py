@@ -101,6 +101,9 @@ class DataConfig:
     train: DataSplitConfig = field(default_factory=DataSplitConfig)
     val: DataSplitConfig = field(default_factory=lambda: DataSplitConfig())
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # the training and evaluation size: shorter side in pixels (eval resizes to it; the presets' multi-scale
+    # training, max_size and crops follow it in their ratio unless set explicitly). None: max(scales)
+    image_size: int | None = None
     scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
     max_size: int = 1333
     crop: bool = True
@@ -235,6 +238,7 @@ class Config:
                 raise ConfigError(f"config key 'distill.aux_stages' has stages {bad} outside [0, {m.dec_layers})")
         for split in ("train", "val"):
             _validate_split(getattr(self.data, split), f"data.{split}")
+        _validate_sizes(self.data)
         formats = {self.data.train.format == "synthetic", self.data.val.format == "synthetic"}
         if len(formats) == 2:
             raise ConfigError("data.train and data.val must both be given (or both left to the synthetic set); "
@@ -242,6 +246,78 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _validate_sizes(d: DataConfig) -> None:
+    """Positive sizes; ``image_size`` None becomes ``max(scales)`` (configs written before the key existed)."""
+    sizes = {"data.max_size": [d.max_size], "data.scales": d.scales, "data.crop_scales": d.crop_scales,
+             "data.crop_min": [d.crop_min], "data.crop_max": [d.crop_max]}
+    if d.image_size is not None:
+        sizes["data.image_size"] = [d.image_size]
+    for key, values in sizes.items():
+        if not values or min(values) < 1:
+            raise ConfigError(f"config key '{key}' must hold positive sizes in pixels, got {values}")
+    if d.crop_min > d.crop_max:
+        raise ConfigError(f"data.crop_min={d.crop_min} must be <= data.crop_max={d.crop_max}")
+    if d.image_size is None:
+        d.image_size = max(d.scales)
+
+
+# keys derived from data.image_size in the ratio of the preset's (or the run's) own values
+_SIZE_KEYS = ("scales", "max_size", "crop_scales", "crop_min", "crop_max")
+
+
+def derive_image_size(base: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """The ``data`` keys implied by ``data.image_size``: what :func:`resolve_config` merges over ``user``.
+
+    ``base`` is the preset's (or a saved run's) config dict, ``user`` the file + command-line dict. When the
+    user sets ``data.image_size=N`` and the base was made for ``N0``, every size key of ``_SIZE_KEYS`` the
+    user did not set is the base's value times ``N / N0`` (rounded): the preset's multi-scale range, longer
+    side cap and crops keep their ratio to the image size. When the user sets ``data.scales`` but no
+    ``image_size``, the image size is ``max(scales)`` (the evaluation size before the key existed).
+    """
+    base_data, user_data = base.get("data") or {}, user.get("data") or {}
+    if not isinstance(base_data, dict) or not isinstance(user_data, dict):
+        return {}
+    if "image_size" not in user_data:
+        if "scales" in user_data:
+            scales = user_data["scales"]
+            if isinstance(scales, int) and not isinstance(scales, bool):
+                scales = [scales]
+            if isinstance(scales, list) and scales and all(isinstance(v, int) for v in scales):
+                return {"image_size": max(scales)}
+        return {}
+    size, defaults = user_data["image_size"], DataConfig()
+    reference = base_data.get("image_size") or max(base_data.get("scales") or defaults.scales)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1 or size == reference:
+        return {}  # a bad value is reported by the type check / validate()
+    ratio = size / reference
+    derived: dict[str, Any] = {}
+    for key in _SIZE_KEYS:
+        if key in user_data:
+            continue
+        value = base_data.get(key, getattr(defaults, key))
+        if isinstance(value, list):
+            derived[key] = sorted({max(1, round(v * ratio)) for v in value})
+        else:
+            derived[key] = max(1, round(value * ratio))
+    return derived
+
+
+def merge_user_config(base: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (a preset's or a saved run's dict) overridden by ``user``, with the sizes ``data.image_size``
+    implies (:func:`derive_image_size`)."""
+    derived = derive_image_size(base, user)
+    merged = _merge(base, user)
+    if derived:
+        merged = _merge(merged, {"data": derived})
+    return merged
+
+
+def eval_image_size(cfg: Config) -> tuple[int, int]:
+    """``(shorter side, longer-side cap)`` of the evaluation resize of a (checkpoint's) config."""
+    d = cfg.data
+    return int(d.image_size if d.image_size is not None else max(d.scales)), int(d.max_size)
 
 
 def _validate_split(split: DataSplitConfig, prefix: str) -> None:
@@ -430,7 +506,7 @@ def resolve_config(config_file: str | None = None, overrides: list[str] | None =
             file_dict["preset"] = file_dict.pop("base")
     preset = override_dict.get("preset") or file_dict.get("preset") or Config.preset
     merged = base if base is not None else load_preset(str(preset))
-    merged = _merge(_merge(merged, file_dict), override_dict)
+    merged = merge_user_config(merged, _merge(file_dict, override_dict))
     merged["preset"] = str(preset)
     cfg = _build(Config, merged)
     cfg.validate()

@@ -128,6 +128,7 @@ def build_transforms(
     crop_min: int = 384,
     crop_max: int = 600,
     flip: bool = True,
+    eval_size: int | None = None,
 ) -> DetectionTransform:
     """DETR-style augmentation (train) or a fixed resize (eval).
 
@@ -138,7 +139,8 @@ def build_transforms(
     ``crop_scales=None`` means DETR's ``[400, 500, 600]`` (matching the ``384..600`` crop defaults); set all
     three for small images, e.g. ``crop_scales=[96, 112, 128], crop_min=64, crop_max=128``.
 
-    Eval: shorter side to ``max(scales)``, longer side ``<= max_size``, float, normalised.
+    Eval: shorter side to ``eval_size`` (``data.image_size``; None: ``max(scales)``), longer side
+    ``<= max_size``, float, normalised.
     """
     scales = [int(s) for s in scales]
     if not scales or min(scales) < 1 or max_size < 1:
@@ -163,7 +165,9 @@ def build_transforms(
             steps.append(resize)
         steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
     else:
-        steps.append(ResizeShortestSide(max(scales), max_size))
+        if eval_size is not None and eval_size < 1:
+            raise ValueError(f"eval_size must be positive, got {eval_size}")
+        steps.append(ResizeShortestSide(eval_size or max(scales), max_size))
     return DetectionTransform(v2.Compose(steps + _finish()))
 
 

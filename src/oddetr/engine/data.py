@@ -30,8 +30,8 @@ def build_dataset(cfg: Config, split: str, train: bool, transforms_on: bool = Tr
     spec: DataSplitConfig = getattr(d, split)
     transforms = build_transforms(train=train, scales=d.scales, max_size=d.max_size, crop=d.crop,
                                   crop_scales=d.crop_scales, crop_min=d.crop_min, crop_max=d.crop_max,
-                                  flip=d.flip) if transforms_on else \
-        build_transforms(train=False, scales=d.scales, max_size=d.max_size)
+                                  flip=d.flip, eval_size=d.image_size) if transforms_on else \
+        build_transforms(train=False, scales=d.scales, max_size=d.max_size, eval_size=d.image_size)
     if spec.format == "synthetic":
         paths = synthetic_paths(cfg)
         return CocoDetection(paths[f"{split}_images"], paths[f"{split}_annotations"], transforms=transforms)

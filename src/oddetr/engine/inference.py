@@ -33,9 +33,9 @@ def load_checkpoint_model(path: str | Path, weights: str = "auto", device: torch
         raise CheckpointError(f"{path} is not an oddetr training checkpoint")
     cfg_dict = state["config"]
     if config_overrides:
-        from oddetr.config import _merge
+        from oddetr.config import merge_user_config
 
-        cfg_dict = _merge(cfg_dict, config_overrides)
+        cfg_dict = merge_user_config(cfg_dict, config_overrides)  # data.image_size=N rescales the sizes
     cfg = config_from_dict(cfg_dict)
     model = build_model(cfg.model, int(state["num_classes"]))
     teacher = state.get("teacher")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torchvision import tv_tensors
 
+from oddetr.config import eval_image_size
 from oddetr.data.images import load_image
 from oddetr.data.transforms import build_transforms
 from oddetr.engine.inference import LoadedModel
@@ -42,7 +43,8 @@ def predict_images(loaded: LoadedModel, images: str | Path, output: str | Path,
     cfg = loaded.config
     device = resolve_device(cfg.device)
     model = loaded.model.to(device).eval()
-    transform = build_transforms(train=False, scales=cfg.data.scales, max_size=cfg.data.max_size)
+    size, max_size = eval_image_size(cfg)  # the checkpoint's data.image_size unless overridden
+    transform = build_transforms(train=False, scales=[size], max_size=max_size)
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, written = [], []

@@ -23,6 +23,7 @@ from oddetr.engine.evaluate import evaluate, move_batch, probe_assignment
 from oddetr.engine.init_weights import load_init_weights
 from oddetr.engine.optim import build_optimizer, build_scheduler
 from oddetr.engine.run_dir import MetricsLogger, prepare_run_dir, write_config
+from oddetr.engine.run_start import announce_run
 from oddetr.engine.sampler import EpochSampler
 from oddetr.engine.step import compute_losses
 from oddetr.errors import ConfigError, DataError, TrainingError
@@ -97,6 +98,9 @@ class Trainer:
                               "categories of the training data")
         self.num_classes = num_classes
         self.model = build_model(cfg.model, num_classes).to(self.device)
+        if self.is_main:  # run header, dataset summary (stderr, RUN/dataset.json), RUN/plots/labels.png, train_batch.png
+            announce_run(cfg, self.run_dir, self.train_set, self.val_set, min(self.model.backbone.strides),
+                         self.device, dist.world_size())
         if cfg.model.init_weights and not resume:  # converted / earlier weights; class heads fit num_classes
             load_init_weights(self.model, cfg.model.init_weights, cfg.model,
                               self.run_dir if self.is_main else None)
