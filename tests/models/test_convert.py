@@ -16,13 +16,13 @@ import torch
 from oddetr.engine.init_weights import load_init_weights, read_init_weights
 from oddetr.errors import CheckpointError, ConfigError
 from oddetr.models.convert import (
-    _swap_xy_blocks,
     adapt_num_classes,
     check_architecture,
     convert_official_deformable_detr,
     convert_official_dino,
     overrides_as_keys,
     read_official_checkpoint,
+    swap_xy_blocks,
     to_official_layout,
 )
 from oddetr.models.detector import build_model
@@ -79,9 +79,9 @@ def test_official_deformable_detr_round_trip(tiny_config, tmp_path, extra):
 def test_proposal_projection_columns_follow_the_sine_order():
     # the official code embeds proposals as (x, y, w, h), oddetr as (y, x, w, h)
     weight = torch.arange(2 * 8, dtype=torch.float32).view(2, 8)
-    swapped = _swap_xy_blocks(weight)
+    swapped = swap_xy_blocks(weight)
     assert swapped[0].tolist() == [2, 3, 0, 1, 4, 5, 6, 7]
-    assert torch.equal(_swap_xy_blocks(swapped), weight)
+    assert torch.equal(swap_xy_blocks(swapped), weight)
 
 
 def test_official_dino_maps_what_the_model_has(tiny_config, tmp_path):

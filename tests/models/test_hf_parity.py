@@ -28,7 +28,6 @@ from oddetr.engine.init_weights import load_init_weights  # noqa: E402
 from oddetr.engine.trainer import Trainer  # noqa: E402
 from oddetr.errors import ConfigError  # noqa: E402
 from oddetr.models.convert import (  # noqa: E402
-    _read_safetensors_plain,
     load_hf_pretrained,
     overrides_as_keys,
 )
@@ -173,15 +172,6 @@ def test_transformers_5_key_layout_reads_the_same(hf_timm, tmp_path):
     _, new, _, _ = load_hf_pretrained(new_dir)
     assert legacy.keys() == new.keys()
     assert all(torch.equal(legacy[k], new[k]) for k in legacy)
-
-
-def test_safetensors_reader_without_the_package_matches_it(hf_timm):
-    from safetensors.torch import load_file
-
-    path = hf_timm[1] / "model.safetensors"
-    plain, reference = _read_safetensors_plain(path), load_file(str(path))
-    assert plain.keys() == reference.keys()
-    assert all(plain[k].dtype == reference[k].dtype and torch.equal(plain[k], reference[k]) for k in plain)
 
 
 def test_other_architecture_in_config_is_a_one_line_config_error(hf_timm, tiny_config):
