@@ -1,4 +1,4 @@
-"""``oddetr train | eval | predict``: parse, build, call the engine. Errors print one line."""
+"""``oddetr train | eval | predict | weights``: parse, build, call the engine. Errors print one line."""
 
 from __future__ import annotations
 
@@ -157,6 +157,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from oddetr.engine.weights import convert_weights, format_info, inspect_weights
+
+    own, rest = _split_command_keys("weights", args.overrides)
+    if len(rest) != 1 or "=" in rest[0]:
+        raise ConfigError("usage: oddetr weights PATH [output=FILE] (PATH: a Hugging Face directory, an official "
+                          "Deformable-DETR / DINO .pth or an oddetr checkpoint)")
+    if own.get("output"):
+        info, written = convert_weights(rest[0], own["output"])
+        print(format_info(info))
+        print(f"wrote {written} (an oddetr checkpoint: oddetr eval/predict checkpoint={written}, "
+              f"model.init_weights={written})", file=sys.stderr)
+    else:
+        print(format_info(inspect_weights(rest[0])))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from oddetr.config import preset_names
 
@@ -168,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddetr", usage=USAGE, add_help=True)
     parser.add_argument("--version", action="version", version=f"oddetr {__version__}")
     sub = parser.add_subparsers(dest="command")
-    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("predict", cmd_predict), ("presets", cmd_presets)):
+    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("predict", cmd_predict), ("weights", cmd_weights),
+                       ("presets", cmd_presets)):
         p = sub.add_parser(name)
         p.add_argument("--config", default=None, help="YAML config file (may name a preset with 'base:')")
         if name == "train":
