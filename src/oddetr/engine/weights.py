@@ -63,7 +63,7 @@ def _info(path: str | Path, src: WeightsSource) -> WeightsInfo:
             description += f"converted from {source.get('format')} weights {source.get('path')}" + (
                 " (their EMA teacher)" if source.get("teacher") else "")
         else:
-            description += "EMA teacher weights" if src.teacher else "student weights (no EMA teacher)"
+            description += "EMA teacher weights" if src.teacher else "student weights, no EMA teacher"
     arch = {k: v for k, v in src.overrides.items() if k in ARCH_KEYS or k == "backbone"}
     if "backbone" in arch:
         arch["backbone"] = {"name": arch["backbone"].get("name")}
