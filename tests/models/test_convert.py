@@ -200,3 +200,20 @@ def test_hf_config_of_transformers_4_checkpoints():
                           ({"decoder_attention_heads": 4}, "heads"), ({"model_type": "detr"}, "model_type")):
         with pytest.raises(ConfigError, match=words):
             hf_overrides({**config, **change})
+
+
+def test_weights_command_converts_an_official_dino_checkpoint(tiny_config, tmp_path, capsys):
+    """``oddetr weights X.pth output=FILE``: an oddetr checkpoint holding exactly the original model's tensors."""
+    from oddetr.cli import main
+    from oddetr.engine.inference import load_checkpoint_model
+
+    model, cfg = _model(tiny_config, "model.arch=dino", "model.two_stage=true", "model.dn_queries=10",
+                        "model.look_forward_twice=true")
+    path = _save_official(tmp_path / "dino.pth", to_official_layout(model.state_dict(), dino=True), cfg)
+    capsys.readouterr()
+    assert main(["weights", str(path), f"output={tmp_path / 'dino.pt'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "format: dino (IDEA-Research/DINO checkpoint)" and lines[3] == f"classes: {NUM_CLASSES}"
+    loaded = load_checkpoint_model(tmp_path / "dino.pt")
+    assert loaded.config.model.arch == "dino" and loaded.class_names == ["class_0", "class_1", "class_2"]
+    _assert_same(loaded.model.state_dict(), model)

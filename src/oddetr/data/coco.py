@@ -226,6 +226,8 @@ class CocoDetection(DetectionDataset):
 
 def _order_categories(src: str, categories: list[dict[str, Any]], classes: list[str]) -> list[dict[str, Any]]:
     """The file's categories in the order of ``classes`` (names), checking both name the same set."""
+    if [c["name"] for c in categories] == classes:
+        return categories  # already in that order (also where names repeat, as in some exported files)
     by_name: dict[str, dict[str, Any]] = {}
     for cat in categories:
         if cat["name"] in by_name:
