@@ -145,8 +145,10 @@ class TinyVoc:
                                                   f"data.{s}.split={self.split}")]
 
 
-def write_voc(root: Path, num_images: int = 4, size: int = 64, seed: int = 0, split: str = "trainval") -> TinyVoc:
-    """Write rectangle scenes as a VOC dataset; classes use the VOC names cat / dog / car."""
+def write_voc(root: Path, num_images: int = 4, size: int = 64, seed: int = 0, split: str = "trainval",
+              names: dict[int, str] | None = None) -> TinyVoc:
+    """Write rectangle scenes as a VOC dataset; classes use the VOC names cat / dog / car, or ``names``
+    (class id 1..3 -> the name written in the XML files)."""
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ids, scenes = [], []
@@ -158,7 +160,7 @@ def write_voc(root: Path, num_images: int = 4, size: int = 64, seed: int = 0, sp
                  f"<size><width>{size}</width><height>{size}</height><depth>3</depth></size>"]
         for (x0, y0, x1, y1), cls in objects:
             # VOC boxes are 1-based inclusive pixel indices: pixel-edge box [x0, x1) -> xmin x0+1, xmax x1
-            parts.append(f"<object><name>{CLASSES[cls][1]}</name><difficult>0</difficult><bndbox>"
+            parts.append(f"<object><name>{(names or {})[cls] if names else CLASSES[cls][1]}</name><difficult>0</difficult><bndbox>"
                          f"<xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax>"
                          "</bndbox></object>")
         (root / "Annotations" / f"{voc_id}.xml").write_text("".join(parts) + "</annotation>")

@@ -134,7 +134,7 @@ def test_predict_writes_pngs_and_coco_results(coco_run, tmp_path):
         assert det["category_id"] in (1, 2, 3) and 0.0 <= det["score"] <= 1.0
         x, y, w, h = det["bbox"]
         assert 0 <= x <= x + w <= 64 and 0 <= y <= y + h <= 64
-    assert {d["image_id"] for d in detections} == set(range(len(inputs)))
+    assert {d["image_id"] for d in detections} == set(inputs)  # the file names (no annotations=FILE given)
     # the default threshold keeps a subset
     out2 = tmp_path / "pred2"
     assert main(["predict", f"checkpoint={run / 'last.pt'}", f"images={data.images}", f"output={out2}"]) == 0

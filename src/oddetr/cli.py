@@ -1,4 +1,4 @@
-"""``oddetr train | eval | predict``: parse, build, call the engine. Errors print one line."""
+"""``oddetr train | eval | predict | weights``: parse, build, call the engine. Errors print one line."""
 
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ USAGE = """oddetr COMMAND [--config FILE] [key=value ...]
 
 commands:
   train     train a detector (default: deformable-detr-tiny with OD-DETR on the embedded synthetic dataset)
-  eval      evaluate a checkpoint: oddetr eval checkpoint=FILE [data.val.* keys]
+  eval      evaluate a checkpoint: oddetr eval checkpoint=FILE [data.val.* keys] [output=DIR]
+            (writes results.json, per_class.json, pr_curve.png; default DIR: RUN/eval/<checkpoint name>)
   predict   draw and save detections: oddetr predict checkpoint=FILE images=DIR_OR_FILE output=DIR
+            [annotations=COCO_JSON: write the dataset's image ids]
+  weights   inspect weights (oddetr, Hugging Face, Deformable-DETR, DINO): oddetr weights PATH
+            [output=FILE: convert them to an oddetr checkpoint for eval / predict / model.init_weights]
   presets   list the built-in presets
 
 examples:
@@ -30,8 +34,9 @@ examples:
 
 # keys that belong to a command, not to the training config
 COMMAND_KEYS = {
-    "eval": {"checkpoint", "weights"},
-    "predict": {"checkpoint", "weights", "images", "output", "score_threshold"},
+    "eval": {"checkpoint", "weights", "output", "overwrite"},
+    "predict": {"checkpoint", "weights", "images", "output", "score_threshold", "annotations"},
+    "weights": {"output"},
 }
 
 
@@ -83,30 +88,48 @@ def _eval_overrides(rest: list[str]) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
     from oddetr.engine.data import build_dataset, make_loader
-    from oddetr.engine.evaluate import evaluate
+    from oddetr.engine.eval_report import default_eval_dir, prepare_eval_dir, write_eval_outputs
+    from oddetr.engine.evaluate import gather_detections
     from oddetr.engine.inference import load_checkpoint_model
     from oddetr.engine.trainer import METRIC_KEYS, resolve_device
+    from oddetr.evaluation.per_class import format_per_class_table
 
     own, rest = _split_command_keys("eval", args.overrides)
     path = _require(own, "checkpoint", "eval")
     overrides = _eval_overrides(rest)
     loaded = load_checkpoint_model(path, own.get("weights", "auto"), config_overrides=overrides)
     cfg = loaded.config
+    out = Path(own["output"]) if own.get("output") else default_eval_dir(path)
+    manifest = {"checkpoint": str(Path(path).resolve()), "weights": loaded.weights, "epoch": loaded.epoch,
+                "data": dataclasses.asdict(cfg.data.val)}
+    prepare_eval_dir(out, manifest, _flag(own, "overwrite"))
     device = resolve_device(cfg.device)
     loaded.model.to(device)
-    dataset = build_dataset(cfg, "val", train=False)
+    dataset = build_dataset(cfg, "val", train=False, classes=loaded.class_names)  # the checkpoint's label space
     _check_classes(dataset, loaded)
     loader = make_loader(dataset, cfg.eval.batch_size, False, cfg.data.num_workers, cfg.seed)
     with torch.no_grad():
-        metrics = evaluate(loaded.model, loader, device, dataset.coco_gt(), loaded.label_to_cat_id,
-                           cfg.eval.max_detections, cfg.train.amp)
+        detections = gather_detections(loaded.model, loader, device, dataset.label_to_cat_id,
+                                       cfg.eval.max_detections, cfg.train.amp)
+    report = write_eval_outputs(out, dataset.coco_gt(), detections, manifest)
     print(f"evaluated {loaded.weights} weights of {path} (epoch {loaded.epoch}) on {len(dataset)} images",
           file=sys.stderr)
-    print(json.dumps({k: metrics[k] for k in METRIC_KEYS}))
+    print(format_per_class_table(report.per_class), file=sys.stderr)
+    print(f"wrote {', '.join(f.name for f in report.files)} to {out}", file=sys.stderr)
+    print(json.dumps({k: report.metrics[k] for k in METRIC_KEYS}))
     return 0
+
+
+def _flag(own: dict[str, str], key: str) -> bool:
+    value = own.get(key, "false").lower()
+    if value not in ("true", "false", ""):
+        raise ConfigError(f"config key '{key}' got {own[key]!r}, expected true or false")
+    return value in ("true", "")
 
 
 def _check_classes(dataset, loaded) -> None:
@@ -128,9 +151,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"config key 'score_threshold' got {own['score_threshold']!r}, expected a number") from None
     loaded = load_checkpoint_model(path, own.get("weights", "auto"), config_overrides=_eval_overrides(rest))
-    written = predict_images(loaded, images, output, threshold)
+    written = predict_images(loaded, images, output, threshold, own.get("annotations") or None)
     print(f"wrote {len(written)} images and {Path(output) / 'detections.json'} "
           f"({loaded.weights} weights)", file=sys.stderr)
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from oddetr.engine.weights import convert_weights, format_info, inspect_weights
+
+    own, rest = _split_command_keys("weights", args.overrides)
+    if len(rest) != 1 or "=" in rest[0]:
+        raise ConfigError("usage: oddetr weights PATH [output=FILE] (PATH: a Hugging Face directory, an official "
+                          "Deformable-DETR / DINO .pth or an oddetr checkpoint)")
+    if own.get("output"):
+        info, written = convert_weights(rest[0], own["output"])
+        print(format_info(info))
+        print(f"wrote {written} (an oddetr checkpoint: oddetr eval/predict checkpoint={written}, "
+              f"model.init_weights={written})", file=sys.stderr)
+    else:
+        print(format_info(inspect_weights(rest[0])))
     return 0
 
 
@@ -145,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddetr", usage=USAGE, add_help=True)
     parser.add_argument("--version", action="version", version=f"oddetr {__version__}")
     sub = parser.add_subparsers(dest="command")
-    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("predict", cmd_predict), ("presets", cmd_presets)):
+    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("predict", cmd_predict), ("weights", cmd_weights),
+                       ("presets", cmd_presets)):
         p = sub.add_parser(name)
         p.add_argument("--config", default=None, help="YAML config file (may name a preset with 'base:')")
         if name == "train":

@@ -104,6 +104,9 @@ class DataConfig:
     # the training and evaluation size: shorter side in pixels (eval resizes to it; the presets' multi-scale
     # training, max_size and crops follow it in their ratio unless set explicitly). None: max(scales)
     image_size: int | None = None
+    # class names, label k = classes[k]; null: VOC reads them from the training split's objects (the 20 VOC
+    # names when every object is one of them), COCO takes its categories (README: "Classes")
+    classes: list[str] | None = None
     scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
     max_size: int = 1333
     crop: bool = True
@@ -236,6 +239,9 @@ class Config:
             bad = [s for s in self.distill.aux_stages if not 0 <= s < m.dec_layers]
             if bad:
                 raise ConfigError(f"config key 'distill.aux_stages' has stages {bad} outside [0, {m.dec_layers})")
+        names = self.data.classes
+        if names is not None and (not names or len(set(names)) != len(names) or not all(n.strip() for n in names)):
+            raise ConfigError(f"config key 'data.classes' must be a non-empty list of distinct names, got {names}")
         for split in ("train", "val"):
             _validate_split(getattr(self.data, split), f"data.{split}")
         _validate_sizes(self.data)

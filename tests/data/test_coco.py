@@ -227,3 +227,17 @@ def test_duplicate_annotation_ids_are_renumbered(make_coco):
     with pytest.warns(UserWarning, match="annotation ids are missing, duplicated or < 1"):
         ds = CocoDetection(images_dir, ann_file)
     assert [a["id"] for a in ds.coco_gt()["annotations"]] == [1, 2, 3, 4]
+
+
+def test_classes_order_the_label_space_by_name(make_coco):
+    """``classes``: label k is the category named classes[k]; the file's ids are kept; both sets must agree."""
+    images_dir, ann = make_coco()  # categories dog (id 7), cat (id 3)
+    ds = CocoDetection(images_dir, ann, classes=["dog", "cat"])
+    assert ds.class_names == ["dog", "cat"] and ds.label_to_cat_id == [7, 3]
+    first = ds[ds.image_ids.index(10)][1]
+    assert first["labels"].tolist() == [0, 1]  # the dog box (category 7), then the cat box (category 3)
+    assert CocoDetection(images_dir, ann).class_names == ["cat", "dog"]  # without: by id
+    with pytest.raises(DataError, match=r"annotations\.json: category 'dog' \(id 7\) is not in the classes"):
+        CocoDetection(images_dir, ann, classes=["cat"])
+    with pytest.raises(DataError, match=r"annotations\.json: no category named 'bird'"):
+        CocoDetection(images_dir, ann, classes=["cat", "dog", "bird"])

@@ -120,8 +120,9 @@ def _break(root: Path, case: str) -> list[str]:
 def test_errors_are_one_line_and_name_the_file(voc_root, case):
     needles = _break(voc_root, case)
     root = voc_root / "missing" if case == "no root" else voc_root
+    classes = list(VOC_CLASSES) if case == "unknown class" else None  # without a list the class would be learnt
     with pytest.raises(DataError) as info:
-        VocDetection(root, "nosplit" if case == "no split" else "train")
+        VocDetection(root, "nosplit" if case == "no split" else "train", classes=classes)
     message = str(info.value)
     assert "\n" not in message
     for needle in needles:
@@ -140,3 +141,27 @@ def test_size_read_from_image_when_xml_has_none(voc_root):
         "height": 32,
         "file_name": "img_c.jpg",
     }
+
+
+def _custom(root: Path, stem: str, names: list[str]) -> None:
+    (root / "Annotations" / f"{stem}.xml").write_text(
+        _xml(f"{stem}.jpg", 32, 32, [(n, 0, (2 + 3 * k, 2, 12 + 3 * k, 12)) for k, n in enumerate(names)]))
+    Image.new("RGB", (32, 32), (90, 120, 30)).save(root / "JPEGImages" / f"{stem}.jpg")
+
+
+@pytest.mark.filterwarnings("ignore:.*clipped 1 boxes")
+def test_classes_are_read_from_the_split_when_not_all_voc_names(voc_root):
+    from oddetr.data.voc import voc_class_names
+
+    _custom(voc_root, "own_1", ["Tree", "Car"])
+    _custom(voc_root, "own_2", ["car", "Tree", "Tree"])
+    (voc_root / "ImageSets" / "Main" / "own.txt").write_text("own_1\nown_2\n")
+    ds = VocDetection(voc_root, "own")
+    assert ds.class_names == ["Car", "Tree", "car"] == voc_class_names(voc_root, "own")  # sorted, code points
+    assert ds.label_to_cat_id == [1, 2, 3]
+    assert [a["category_id"] for a in ds.coco_gt()["annotations"]] == [2, 1, 3, 2, 2]
+    assert voc_class_names(voc_root, "train") == list(VOC_CLASSES)  # only VOC names: the VOC label space
+    # a list given names the label space in its order; an object outside it names its XML file
+    assert VocDetection(voc_root, "own", classes=["Tree", "Car", "car", "Bus"]).class_names[0] == "Tree"
+    with pytest.raises(DataError, match=r"own_2\.xml: object #0 has class 'car'"):
+        VocDetection(voc_root, "own", classes=["Tree", "Car"])

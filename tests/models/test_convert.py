@@ -16,13 +16,13 @@ import torch
 from oddetr.engine.init_weights import load_init_weights, read_init_weights
 from oddetr.errors import CheckpointError, ConfigError
 from oddetr.models.convert import (
-    _swap_xy_blocks,
     adapt_num_classes,
     check_architecture,
     convert_official_deformable_detr,
     convert_official_dino,
     overrides_as_keys,
     read_official_checkpoint,
+    swap_xy_blocks,
     to_official_layout,
 )
 from oddetr.models.detector import build_model
@@ -79,9 +79,9 @@ def test_official_deformable_detr_round_trip(tiny_config, tmp_path, extra):
 def test_proposal_projection_columns_follow_the_sine_order():
     # the official code embeds proposals as (x, y, w, h), oddetr as (y, x, w, h)
     weight = torch.arange(2 * 8, dtype=torch.float32).view(2, 8)
-    swapped = _swap_xy_blocks(weight)
+    swapped = swap_xy_blocks(weight)
     assert swapped[0].tolist() == [2, 3, 0, 1, 4, 5, 6, 7]
-    assert torch.equal(_swap_xy_blocks(swapped), weight)
+    assert torch.equal(swap_xy_blocks(swapped), weight)
 
 
 def test_official_dino_maps_what_the_model_has(tiny_config, tmp_path):
@@ -200,3 +200,20 @@ def test_hf_config_of_transformers_4_checkpoints():
                           ({"decoder_attention_heads": 4}, "heads"), ({"model_type": "detr"}, "model_type")):
         with pytest.raises(ConfigError, match=words):
             hf_overrides({**config, **change})
+
+
+def test_weights_command_converts_an_official_dino_checkpoint(tiny_config, tmp_path, capsys):
+    """``oddetr weights X.pth output=FILE``: an oddetr checkpoint holding exactly the original model's tensors."""
+    from oddetr.cli import main
+    from oddetr.engine.inference import load_checkpoint_model
+
+    model, cfg = _model(tiny_config, "model.arch=dino", "model.two_stage=true", "model.dn_queries=10",
+                        "model.look_forward_twice=true")
+    path = _save_official(tmp_path / "dino.pth", to_official_layout(model.state_dict(), dino=True), cfg)
+    capsys.readouterr()
+    assert main(["weights", str(path), f"output={tmp_path / 'dino.pt'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "format: dino (IDEA-Research/DINO checkpoint)" and lines[3] == f"classes: {NUM_CLASSES}"
+    loaded = load_checkpoint_model(tmp_path / "dino.pt")
+    assert loaded.config.model.arch == "dino" and loaded.class_names == ["class_0", "class_1", "class_2"]
+    _assert_same(loaded.model.state_dict(), model)

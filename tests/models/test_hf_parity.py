@@ -28,7 +28,6 @@ from oddetr.engine.init_weights import load_init_weights  # noqa: E402
 from oddetr.engine.trainer import Trainer  # noqa: E402
 from oddetr.errors import ConfigError  # noqa: E402
 from oddetr.models.convert import (  # noqa: E402
-    _read_safetensors_plain,
     load_hf_pretrained,
     overrides_as_keys,
 )
@@ -175,15 +174,6 @@ def test_transformers_5_key_layout_reads_the_same(hf_timm, tmp_path):
     assert all(torch.equal(legacy[k], new[k]) for k in legacy)
 
 
-def test_safetensors_reader_without_the_package_matches_it(hf_timm):
-    from safetensors.torch import load_file
-
-    path = hf_timm[1] / "model.safetensors"
-    plain, reference = _read_safetensors_plain(path), load_file(str(path))
-    assert plain.keys() == reference.keys()
-    assert all(plain[k].dtype == reference[k].dtype and torch.equal(plain[k], reference[k]) for k in plain)
-
-
 def test_other_architecture_in_config_is_a_one_line_config_error(hf_timm, tiny_config):
     cfg = tiny_config("model.backbone.name=resnet18", "model.backbone.norm=frozen_bn")  # d_model=32 etc.
     model = build_model(cfg.model, 3)
@@ -218,3 +208,25 @@ def test_fine_tune_from_hf_directory_with_other_class_count(hf_timm, coco_data, 
     after = trainer.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in heads)
     assert any(not torch.equal(before[k], after[k]) for k in others if k.startswith("decoder."))
+
+
+def test_oddetr_weights_converts_a_hf_directory_to_a_checkpoint(hf_timm, tmp_path, capsys):
+    """``oddetr weights DIR output=FILE``: the checkpoint ``eval`` / ``predict`` load gives transformers' outputs."""
+    from oddetr.cli import main
+    from oddetr.engine.inference import load_checkpoint_model
+
+    hf_model, directory = hf_timm
+    capsys.readouterr()
+    assert main(["weights", str(directory)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    _, state, _, _ = load_hf_pretrained(directory)
+    assert lines[1] == "format: hf (Hugging Face Deformable-DETR directory)"
+    assert lines[2] == f"tensors: {len(state)} ({sum(t.numel() for t in state.values()):,} values)"
+    assert lines[3].startswith(f"classes: {NUM_LABELS} (LABEL_0, LABEL_1")
+    assert "model.d_model=128" in lines[-1].split() and "model.backbone.name=resnet18" in lines[-1].split()
+    out = tmp_path / "converted.pt"
+    assert main(["weights", str(directory), f"output={out}"]) == 0
+    loaded = load_checkpoint_model(out)
+    assert loaded.class_names == [f"LABEL_{i}" for i in range(NUM_LABELS)]
+    diffs = _max_diffs(hf_model, loaded.model)
+    assert max(diffs.values()) <= TOL, diffs

@@ -25,7 +25,7 @@ from oddetr.data.images import load_image
 from oddetr.data.transforms import default_transforms
 from oddetr.errors import DataError
 
-__all__ = ["BoxCleaner", "CocoDetection", "DetectionDataset", "TransformFn"]
+__all__ = ["BoxCleaner", "CocoDetection", "DetectionDataset", "TransformFn", "read_image_index"]
 
 TransformFn = Callable[[Any, tv_tensors.BoundingBoxes, torch.Tensor], tuple[torch.Tensor, Any, torch.Tensor]]
 """``(PIL image, BoundingBoxes (N, 4) XYXY absolute, labels (N,)) -> (image (3, H, W), boxes, labels)``."""
@@ -75,7 +75,7 @@ class DetectionDataset(Dataset):
     (N,) int64 in ``[0, num_classes)``, ``image_id`` int, ``orig_size`` and ``size`` int64 ``[h, w]`` before
     and after the transforms. Crowd annotations stay in ``coco_gt()`` but not in the targets.
 
-    Attributes: ``categories`` (``{"id", "name"}`` sorted by id), ``num_classes``, ``label_to_cat_id``,
+    Attributes: ``categories`` (``{"id", "name"}`` in label order), ``num_classes``, ``label_to_cat_id``,
     ``class_names``, ``image_ids`` (dataset order), ``file_names`` (image id -> file name under
     ``images_dir``), ``dropped_boxes`` / ``clipped_boxes`` (counts from cleaning).
     """
@@ -89,14 +89,15 @@ class DetectionDataset(Dataset):
         transforms: TransformFn | None = None,
         dropped_boxes: int = 0,
         clipped_boxes: int = 0,
+        keep_order: bool = False,
     ) -> None:
         """images: ``{"id", "file_name", "width", "height"}``; annotations: cleaned, COCO ``bbox`` xywh
-        absolute inside the image, with ``id``, ``image_id``, ``category_id``, ``area``, ``iscrowd``."""
+        absolute inside the image, with ``id``, ``image_id``, ``category_id``, ``area``, ``iscrowd``.
+        Label ``k`` is the ``k``-th category by id, or in the given order with ``keep_order``."""
         self.images_dir = Path(images_dir)
         self.transforms: TransformFn = transforms if transforms is not None else default_transforms()
-        self.categories = [
-            {"id": int(c["id"]), "name": str(c["name"])} for c in sorted(categories, key=lambda c: c["id"])
-        ]
+        ordered = categories if keep_order else sorted(categories, key=lambda c: c["id"])
+        self.categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in ordered]
         self.num_classes = len(self.categories)
         self.label_to_cat_id = [c["id"] for c in self.categories]
         self.class_names = [c["name"] for c in self.categories]
@@ -185,15 +186,25 @@ class CocoDetection(DetectionDataset):
     height <= 0 or entirely outside the image are dropped and boxes partly outside are clipped (against the
     JSON width/height), with one warning counting both. If an image's real size differs from the JSON, the
     real size is used at load time (boxes are re-clipped to it). See ``DetectionDataset`` for items.
+
+    ``classes`` (names) fixes the label space by name: label ``k`` is the category named ``classes[k]``
+    (category ids stay the file's). The file's categories must be exactly these names: a category not in
+    the list, or a listed name with no category, is a ``DataError`` naming the file.
     """
 
     def __init__(
-        self, images_dir: str | Path, annotations_file: str | Path, transforms: TransformFn | None = None
+        self,
+        images_dir: str | Path,
+        annotations_file: str | Path,
+        transforms: TransformFn | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         self.annotations_file = Path(annotations_file)
         src = str(annotations_file)
         data = _read_json(self.annotations_file)
         categories = _parse_categories(src, data["categories"])
+        if classes is not None:
+            categories = _order_categories(src, categories, list(classes))
         images = _parse_images(src, data["images"])
         cleaner = BoxCleaner()
         annotations = _parse_annotations(
@@ -209,7 +220,50 @@ class CocoDetection(DetectionDataset):
             transforms,
             cleaner.dropped,
             cleaner.clipped,
+            keep_order=classes is not None,
         )
+
+
+def _order_categories(src: str, categories: list[dict[str, Any]], classes: list[str]) -> list[dict[str, Any]]:
+    """The file's categories in the order of ``classes`` (names), checking both name the same set."""
+    if [c["name"] for c in categories] == classes:
+        return categories  # already in that order (also where names repeat, as in some exported files)
+    by_name: dict[str, dict[str, Any]] = {}
+    for cat in categories:
+        if cat["name"] in by_name:
+            raise DataError(f"{src}: categories {by_name[cat['name']]['id']} and {cat['id']} share the name "
+                            f"{cat['name']!r}; class names (data.classes) need distinct names")
+        by_name[cat["name"]] = cat
+    extra = [c["name"] for c in categories if c["name"] not in classes]
+    if extra:
+        raise DataError(f"{src}: category {extra[0]!r} (id {by_name[extra[0]]['id']}) is not in the classes "
+                        f"{classes} (data.classes or the checkpoint's)")
+    missing = [name for name in classes if name not in by_name]
+    if missing:
+        raise DataError(f"{src}: no category named {missing[0]!r}; its categories are "
+                        f"{[c['name'] for c in categories]} (data.classes must name exactly these)")
+    return [by_name[name] for name in classes]
+
+
+def read_image_index(annotations_file: str | Path) -> tuple[dict[str, int], dict[str, int]]:
+    """(file name -> image id, category name -> category id) of a COCO annotation file, validated as
+    ``CocoDetection`` validates it. Images are found by their ``file_name`` and, where unambiguous, by its
+    last path component; a file with an empty ``categories`` list gives an empty name map."""
+    path = Path(annotations_file)
+    data = _read_json(path)
+    images = _parse_images(str(path), data["images"])
+    categories = _parse_categories(str(path), data["categories"]) if data["categories"] else []
+    by_name: dict[str, int] = {}
+    base_count: dict[str, int] = {}
+    for img in images.values():
+        base = Path(img["file_name"]).name
+        base_count[base] = base_count.get(base, 0) + 1
+    for img in images.values():
+        by_name[img["file_name"]] = img["id"]
+        base = Path(img["file_name"]).name
+        if base_count[base] == 1:
+            by_name.setdefault(base, img["id"])
+    return by_name, {c["name"]: c["id"] for c in categories}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ box covering the whole ``W x H`` image, ``xmin=1 .. xmax=W``, becomes ``[0, 0, W
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from oddetr.data.coco import BoxCleaner, DetectionDataset, TransformFn
 from oddetr.data.images import read_image_size
 from oddetr.errors import DataError
 
-__all__ = ["VOC_CLASSES", "VocDetection"]
+__all__ = ["VOC_CLASSES", "VocDetection", "infer_class_names", "voc_class_names"]
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -30,8 +30,11 @@ VOC_CLASSES = (
 class VocDetection(DetectionDataset):
     """Pascal VOC dataset for one split (``train``, ``val``, ``trainval``, ``test``...).
 
-    ``classes`` overrides the 20 VOC names (category id = position + 1). Objects with ``difficult=1`` become
-    ``iscrowd=1`` in ``coco_gt()`` (ignored by COCO evaluation) and are left out of the training targets.
+    ``classes`` names the categories (category id = position + 1); an object of another class is a
+    ``DataError`` naming its XML file. Without it the split's own objects decide (:func:`infer_class_names`):
+    the 20 VOC names when every object is one of them, else the distinct names found, sorted. Objects
+    with ``difficult=1`` become ``iscrowd=1`` in ``coco_gt()`` (ignored by COCO evaluation) and are left
+    out of the training targets.
     Boxes are dropped / clipped as in ``CocoDetection``, with one warning. ``voc_ids`` lists the file stems in
     dataset order; ``file_names`` maps image id -> file name under ``JPEGImages``.
     """
@@ -45,24 +48,33 @@ class VocDetection(DetectionDataset):
     ) -> None:
         self.root = Path(root)
         self.split = split
-        names = list(VOC_CLASSES if classes is None else classes)
+        self.voc_ids = _read_split(self.root, split)
+        parsed = []
+        for voc_id in self.voc_ids:
+            xml_path = self.root / "Annotations" / f"{voc_id}.xml"
+            parsed.append((voc_id, xml_path, *_parse_xml(xml_path)))
+        names = list(classes) if classes is not None else infer_class_names(
+            obj["name"] for *_, objects in parsed for obj in objects
+        )
         if not names or len(set(names)) != len(names):
             raise DataError(f"VOC classes must be a non-empty list of distinct names, got {names!r}")
         categories = [{"id": k + 1, "name": name} for k, name in enumerate(names)]
         name_to_id = {name: k + 1 for k, name in enumerate(names)}
-        self.voc_ids = _read_split(self.root, split)
         cleaner = BoxCleaner()
         images: list[dict[str, Any]] = []
         annotations: list[dict[str, Any]] = []
-        for image_id, voc_id in enumerate(self.voc_ids, start=1):
-            xml_path = self.root / "Annotations" / f"{voc_id}.xml"
-            info, objects = _parse_xml(xml_path, name_to_id)
+        for image_id, (voc_id, xml_path, info, objects) in enumerate(parsed, start=1):
             file_name = _find_image(self.root / "JPEGImages", voc_id, info["filename"], xml_path, image_id)
             width, height = info["width"], info["height"]
             if width is None or height is None:
                 width, height = read_image_size(self.root / "JPEGImages" / file_name, image_id)
             images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-            for obj in objects:
+            for k, obj in enumerate(objects):
+                if obj["name"] not in name_to_id:
+                    raise DataError(
+                        f"{xml_path}: object #{k} has class {obj['name']!r}, which is not one of the "
+                        f"{len(names)} classes {_short(names)} (list every class in data.classes)"
+                    )
                 x0, y0, x1, y1 = obj["box"]
                 box = cleaner.clean(x0 - 1, y0 - 1, x1, y1, width, height)
                 if box is None:
@@ -72,7 +84,7 @@ class VocDetection(DetectionDataset):
                     {
                         "id": len(annotations) + 1,
                         "image_id": image_id,
-                        "category_id": obj["category_id"],
+                        "category_id": name_to_id[obj["name"]],
                         "bbox": [box[0], box[1], w, h],
                         "area": w * h,
                         "iscrowd": int(obj["difficult"]),
@@ -88,6 +100,27 @@ class VocDetection(DetectionDataset):
             cleaner.dropped,
             cleaner.clipped,
         )
+
+
+def infer_class_names(names: Iterable[str]) -> list[str]:
+    """The class list of a split's object names: the 20 VOC names when every object is one of them (or
+    there are none), else the distinct names sorted (code-point order, so the same on every machine)."""
+    found = set(names)
+    return list(VOC_CLASSES) if found <= set(VOC_CLASSES) else sorted(found)
+
+
+def voc_class_names(root: str | Path, split: str) -> list[str]:
+    """:func:`infer_class_names` of the objects in ``root``'s split ``split`` (reads its XML files)."""
+    root = Path(root)
+    return infer_class_names(
+        obj["name"]
+        for voc_id in _read_split(root, split)
+        for obj in _parse_xml(root / "Annotations" / f"{voc_id}.xml")[1]
+    )
+
+
+def _short(names: list[str], n: int = 10) -> str:
+    return repr(names) if len(names) <= n else repr(names[:n])[:-1] + f", ... ({len(names)} in all)]"
 
 
 def _read_split(root: Path, split: str) -> list[str]:
@@ -107,8 +140,9 @@ def _text(node: ET.Element, tag: str) -> str | None:
     return None if child is None or child.text is None else child.text.strip()
 
 
-def _parse_xml(xml_path: Path, name_to_id: dict[str, int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """-> (``{"filename", "width", "height"}`` (size None when absent), objects with 1-based ``box``)."""
+def _parse_xml(xml_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """-> (``{"filename", "width", "height"}`` (size None when absent), objects: ``name``, 1-based ``box``,
+    ``difficult``)."""
     if not xml_path.is_file():
         raise DataError(f"VOC annotation file not found: {xml_path}")
     try:
@@ -127,10 +161,8 @@ def _parse_xml(xml_path: Path, name_to_id: dict[str, int]) -> tuple[dict[str, An
     objects = []
     for k, obj in enumerate(root.iter("object")):
         name = _text(obj, "name")
-        if name not in name_to_id:
-            raise DataError(
-                f"{xml_path}: object #{k} has class {name!r}, which is not in the dataset classes"
-            )
+        if not name:
+            raise DataError(f"{xml_path}: object #{k} has no <name>")
         bndbox = obj.find("bndbox")
         coords = [None if bndbox is None else _text(bndbox, tag) for tag in ("xmin", "ymin", "xmax", "ymax")]
         try:
@@ -141,7 +173,7 @@ def _parse_xml(xml_path: Path, name_to_id: dict[str, int]) -> tuple[dict[str, An
             ) from err
         difficult = _text(obj, "difficult")
         objects.append(
-            {"category_id": name_to_id[name], "box": box, "difficult": difficult in ("1", "1.0", "true")}
+            {"name": name, "box": box, "difficult": difficult in ("1", "1.0", "true")}
         )
     return {"filename": _text(root, "filename"), "width": width, "height": height}, objects
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from oddetr.data.coco import CocoDetection
 from oddetr.data.collate import collate_detection
 from oddetr.data.synthetic import generate_synthetic_coco
 from oddetr.data.transforms import build_transforms
-from oddetr.data.voc import VocDetection
+from oddetr.data.voc import VocDetection, voc_class_names
 from oddetr.errors import DataError
 
 
@@ -24,9 +25,17 @@ def synthetic_paths(cfg: Config) -> dict[str, str]:
                                    seed=s.seed, min_objects=s.min_objects, max_objects=s.max_objects)
 
 
-def build_dataset(cfg: Config, split: str, train: bool, transforms_on: bool = True) -> Dataset:
-    """The ``data.train`` or ``data.val`` dataset; ``train`` picks the augmentation."""
+def build_dataset(cfg: Config, split: str, train: bool, transforms_on: bool = True,
+                  classes: Sequence[str] | None = None) -> Dataset:
+    """The ``data.train`` or ``data.val`` dataset; ``train`` picks the augmentation.
+
+    Class names: ``classes`` (e.g. a checkpoint's), else ``data.classes``, else the format's own: COCO's
+    categories, VOC's names read from the training split (:func:`training_class_names`), so that the
+    validation split has the training split's label space.
+    """
     d = cfg.data
+    if classes is None:
+        classes = d.classes if d.classes is not None or split == "train" else training_class_names(cfg)
     spec: DataSplitConfig = getattr(d, split)
     transforms = build_transforms(train=train, scales=d.scales, max_size=d.max_size, crop=d.crop,
                                   crop_scales=d.crop_scales, crop_min=d.crop_min, crop_max=d.crop_max,
@@ -34,17 +43,30 @@ def build_dataset(cfg: Config, split: str, train: bool, transforms_on: bool = Tr
         build_transforms(train=False, scales=d.scales, max_size=d.max_size, eval_size=d.image_size)
     if spec.format == "synthetic":
         paths = synthetic_paths(cfg)
-        return CocoDetection(paths[f"{split}_images"], paths[f"{split}_annotations"], transforms=transforms)
+        return CocoDetection(paths[f"{split}_images"], paths[f"{split}_annotations"], transforms=transforms,
+                             classes=classes)
     if spec.format == "coco":
-        return CocoDetection(spec.images, spec.annotations, transforms=transforms)
+        return CocoDetection(spec.images, spec.annotations, transforms=transforms, classes=classes)
     if spec.format == "voc":
-        return VocDetection(spec.root, spec.split, transforms=transforms)
+        return VocDetection(spec.root, spec.split, transforms=transforms, classes=classes)
     raise DataError(f"unknown data format {spec.format!r} for data.{split}")
 
 
+def training_class_names(cfg: Config) -> list[str] | None:
+    """``data.classes``, else the class names a VOC training split's objects give; None for COCO / synthetic
+    training data (their categories come with the annotation file)."""
+    if cfg.data.classes is not None:
+        return list(cfg.data.classes)
+    train = cfg.data.train
+    if train.format == "voc":
+        return voc_class_names(train.root, train.split)
+    return None
+
+
 def check_same_categories(train_set: Dataset, val_set: Dataset) -> None:
-    """Training and validation must share one label space."""
-    if train_set.categories != val_set.categories:
+    """Training and validation must share one label space: the same class names in the same order (each
+    split maps its own category ids to the labels)."""
+    if train_set.class_names != val_set.class_names:
         raise DataError("data.train and data.val have different categories: "
                         f"{[c['name'] for c in train_set.categories]} vs {[c['name'] for c in val_set.categories]}")
 

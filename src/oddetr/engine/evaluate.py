@@ -52,6 +52,12 @@ def predict_detections(model: nn.Module, loader: DataLoader, device: torch.devic
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, coco_gt: dict,
              label_to_cat_id: Sequence[int], max_detections: int = 100, amp: str = "none") -> dict[str, float]:
     """COCO metrics of ``model`` on ``loader``'s dataset, gathered over ranks (same result everywhere)."""
+    return evaluate_coco(coco_gt, gather_detections(model, loader, device, label_to_cat_id, max_detections, amp))
+
+
+def gather_detections(model: nn.Module, loader: DataLoader, device: torch.device, label_to_cat_id: Sequence[int],
+                      max_detections: int = 100, amp: str = "none") -> list[dict]:
+    """COCO result dicts of every image of ``loader``'s dataset, gathered over ranks, once per image, by image id."""
     local = predict_detections(model, loader, device, label_to_cat_id, max_detections, amp)
     per_image: dict[int, list[dict]] = {}
     for d in local:
@@ -61,8 +67,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, coco_gt
     for part in dist.gather_objects(per_image):
         for image_id, dets in part.items():
             merged.setdefault(image_id, dets)
-    unique = [d for image_id in sorted(merged) for d in merged[image_id]]
-    return evaluate_coco(coco_gt, unique)
+    return [d for image_id in sorted(merged) for d in merged[image_id]]
 
 
 @torch.no_grad()

@@ -19,15 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from oddetr.config import ModelConfig
-from oddetr.errors import CheckpointError, OddetrError
+from oddetr.errors import CheckpointError
 from oddetr.models.convert import (
-    ARCH_KEYS,
     adapt_num_classes,
     check_architecture,
     convert_official_deformable_detr,
     convert_official_dino,
     load_hf_pretrained,
-    overrides_as_keys,
     read_official_checkpoint,
 )
 
@@ -60,14 +58,34 @@ class InitReport:
         return "; ".join(parts)
 
 
+@dataclass
+class WeightsSource:
+    """Weights read from a path and converted to oddetr's layout (see :func:`read_weights`)."""
+
+    format: str  # hf | deformable-detr | dino | oddetr
+    overrides: dict[str, Any]  # the architecture, shaped like ModelConfig
+    state: dict[str, Tensor]  # oddetr state dict
+    unmapped: list[str]  # source keys with no oddetr counterpart
+    class_names: list[str]  # empty when the source does not name its classes
+    checkpoint: dict[str, Any] | None = None  # an oddetr training checkpoint's other entries (config, epoch...)
+    teacher: bool = False  # the state is an oddetr checkpoint's EMA teacher
+
+
 def read_init_weights(path: str | Path) -> tuple[str, dict[str, Any], dict[str, Tensor], list[str], list[str]]:
     """(format, overrides, oddetr state dict, unmapped source keys, source class names) of ``path``."""
+    w = read_weights(path)
+    return w.format, w.overrides, w.state, w.unmapped, w.class_names
+
+
+def read_weights(path: str | Path) -> WeightsSource:
+    """Detect the format of ``path`` (a Hugging Face directory, an official Deformable-DETR / DINO ``.pth``,
+    an oddetr checkpoint or bare state dict) and convert its weights to oddetr's layout."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"model.init_weights: not found: {path}")
+        raise CheckpointError(f"weights not found: {path}")
     if path.is_dir():
         overrides, state, _, names = load_hf_pretrained(path)
-        return "hf", overrides, state, [], names
+        return WeightsSource("hf", overrides, state, [], names)
     if path.suffix == ".safetensors":
         raise CheckpointError(f"model.init_weights={path}: give the Hugging Face directory holding config.json, "
                               "not the .safetensors file")
@@ -77,7 +95,8 @@ def read_init_weights(path: str | Path) -> tuple[str, dict[str, Any], dict[str, 
         state = dict(obj["teacher"]["model"] if use_teacher else obj["model"])
         overrides = dict(obj.get("config", {}).get("model", {}))
         names = list(obj.get("classes", {}).get("names", []))
-        return "oddetr", overrides, state, [], names
+        rest = {k: v for k, v in obj.items() if k not in ("model", "teacher", "optimizer", "scheduler", "scaler")}
+        return WeightsSource("oddetr", overrides, state, [], names, rest, use_teacher)
     model = obj.get("model", obj)
     keys = set(model) if isinstance(model, Mapping) else set()
     if any(k.startswith(("model.encoder.", "model.backbone.")) for k in keys):
@@ -86,13 +105,13 @@ def read_init_weights(path: str | Path) -> tuple[str, dict[str, Any], dict[str, 
     if any(k.startswith("transformer.") for k in keys):
         if keys & set(_DINO_MARKERS) or any(k.startswith("transformer.decoder.ref_point_head.") for k in keys):
             overrides, state, unmapped = convert_official_dino(obj)
-            return "dino", overrides, state, unmapped, []
+            return WeightsSource("dino", overrides, state, unmapped, [])
         overrides, state, unmapped = convert_official_deformable_detr(obj)
         if unmapped:
             raise CheckpointError(f"model.init_weights={path}: keys with no oddetr counterpart: {_short(unmapped)}")
-        return "deformable-detr", overrides, state, [], []
+        return WeightsSource("deformable-detr", overrides, state, [], [])
     if any(k.startswith("encoder.layers.") for k in keys):  # a bare oddetr state dict
-        return "oddetr", {}, {k: v for k, v in model.items() if isinstance(v, Tensor)}, [], []
+        return WeightsSource("oddetr", {}, {k: v for k, v in model.items() if isinstance(v, Tensor)}, [], [])
     raise CheckpointError(f"model.init_weights={path}: not a Hugging Face, Deformable-DETR, DINO or oddetr "
                           f"checkpoint (first keys: {_short(sorted(keys))})")
 
@@ -143,26 +162,10 @@ def _short(keys: list[str], n: int = 4) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m oddetr.engine.init_weights PATH``: the ``model.*`` keys matching the weights at PATH."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m oddetr.engine.init_weights PATH (HF directory, .pth or oddetr checkpoint)",
-              file=sys.stderr)
-        return 2
-    try:
-        fmt, overrides, state, unmapped, names = read_init_weights(args[0])
-    except OddetrError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    arch = {k: v for k, v in overrides.items() if k in ARCH_KEYS or k == "backbone"}
-    if "backbone" in arch:
-        arch["backbone"] = {"name": arch["backbone"].get("name")}
-    keys = overrides_as_keys(arch) + ([] if fmt == "oddetr" else ["model.backbone.norm=frozen_bn"])
-    print(" ".join(keys))
-    classes = state.get("class_heads.0.weight")
-    print(f"{fmt} weights: {len(state)} tensors, {0 if classes is None else classes.shape[0]} classes"
-          + (f", {len(unmapped)} unmapped source keys" if unmapped else ""), file=sys.stderr)
-    return 0
+    """``python -m oddetr.engine.init_weights PATH``: kept for old scripts; ``oddetr weights PATH`` does it."""
+    from oddetr.cli import main as cli_main
+
+    return cli_main(["weights", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from torchvision.ops import box_convert
 
 from oddetr.errors import DataError
 
-__all__ = ["METRIC_NAMES", "CocoEvaluator", "detections_from_predictions", "evaluate_coco"]
+__all__ = ["METRIC_NAMES", "CocoEvaluator", "detections_from_predictions", "cocoeval_metrics", "evaluate_coco",
+           "run_cocoeval"]
 
 #: Keys of the dict returned by :func:`evaluate_coco`, in COCO ``stats`` order (indices 0-8).
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
@@ -122,6 +123,22 @@ def evaluate_coco(
     Raises:
         DataError: malformed GT or detections, or a detection for an image not in ``coco_gt``.
     """
+    return cocoeval_metrics(run_cocoeval(coco_gt, detections, verbose))
+
+
+def cocoeval_metrics(ev: COCOeval_faster) -> dict[str, float]:
+    """The :data:`METRIC_NAMES` dict of a summarised evaluator (see :func:`evaluate_coco`)."""
+    stats = np.asarray(ev.stats, dtype=np.float64)
+    return {name: _as_metric(stats[i]) for i, name in enumerate(METRIC_NAMES)}
+
+
+def run_cocoeval(
+    coco_gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]], verbose: bool = False
+) -> COCOeval_faster:
+    """The evaluated, accumulated and summarised faster-coco-eval ``COCOeval_faster`` behind
+    :func:`evaluate_coco` (same arguments): ``ev.stats``, and ``ev.eval["precision"]`` of shape
+    ``(T IoU thresholds, R=101 recall thresholds, K categories (``ev.params.catIds`` order), A=4 area
+    ranges, M=3 maxDets)``, ``-1`` where a category has no ground truth."""
     gt_dict = _copy_gt(coco_gt)
     image_ids = {int(img["id"]) for img in gt_dict["images"]}
     dets = _clean_detections(detections, image_ids)
@@ -140,8 +157,7 @@ def evaluate_coco(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = np.asarray(ev.stats, dtype=np.float64)
-    return {name: _as_metric(stats[i]) for i, name in enumerate(METRIC_NAMES)}
+    return ev
 
 
 def _as_metric(value: float) -> float:
