@@ -60,6 +60,7 @@ def _require(own: dict[str, str], key: str, command: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from oddetr.config import parse_overrides, resolve_config
     from oddetr.engine import distributed as dist
+    from oddetr.engine.preemption import PREEMPTED_EXIT, Preempted
     from oddetr.engine.run_dir import read_run_config
     from oddetr.engine.trainer import Trainer, format_ap_table
 
@@ -73,6 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, resume=args.resume)
         record = trainer.fit()
+    except Preempted as stop:  # SIGTERM: last.pt saved where the run stopped
+        if dist.is_main_process():
+            print(f"oddetr train: {stop}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     finally:
         dist.cleanup()  # under torchrun: leave the process group cleanly, on errors too
     if trainer.is_main:

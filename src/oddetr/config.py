@@ -182,7 +182,8 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     eval_every: int = 1
     max_steps_per_epoch: int = 0  # 0: the whole epoch
-    keep_checkpoints: int = 2  # epoch_*.pt files kept (0: none; last.pt is always written)
+    keep_checkpoints: int = 0  # epoch_*.pt files kept (hard links to that epoch's last.pt; 0: none)
+    checkpoint_every: int = 0  # also write last.pt every N optimiser steps inside an epoch (0: at epoch ends only)
     save_best: bool = True
     max_nonfinite_steps: int = 5
     instability_probe: int = 256
@@ -233,6 +234,8 @@ class Config:
             raise ConfigError(f"config key 'distill.pd_box_threshold' must be in [0, 1], got {d.pd_box_threshold}")
         if d.pd_box_beta <= 0.0:
             raise ConfigError(f"config key 'distill.pd_box_beta' must be > 0, got {d.pd_box_beta}")
+        if self.train.checkpoint_every < 0:
+            raise ConfigError(f"config key 'train.checkpoint_every' must be >= 0, got {self.train.checkpoint_every}")
         if not 0.0 <= self.distill.ema_decay < 1.0:
             raise ConfigError(f"config key 'distill.ema_decay' must be in [0, 1), got {self.distill.ema_decay}")
         if self.distill.aux_stages is not None:

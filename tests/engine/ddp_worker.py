@@ -1,6 +1,6 @@
 """Entry point the DDP test starts under torchrun: ``oddetr.cli.main`` (what ``python -m oddetr`` runs), plus
 
-- ``ODDETR_TEST_NAN_CALLS=3,5``: the trainer's ``compute_losses`` returns a NaN total on those calls
+- ``ODDETR_TEST_NAN_CALLS=3,5``: the guarded step's ``compute_losses`` returns a NaN total on those calls
   (1-based), on rank ``ODDETR_TEST_NAN_RANK`` (default 1) only;
 - ``ODDETR_TEST_DUMP=DIR``: after ``fit``, each rank writes ``DIR/rank<R>.json`` with its epoch record and
   SHA-256 digests of its student's and teacher's state dicts (rank 1 writes no files of its own).
@@ -17,6 +17,7 @@ import torch
 
 from oddetr.cli import main
 from oddetr.engine import distributed as dist
+from oddetr.engine import step as step_module
 from oddetr.engine import trainer as trainer_module
 
 
@@ -31,7 +32,7 @@ def digest(module: torch.nn.Module) -> str:
 def install() -> None:
     nan_calls = {int(c) for c in os.environ.get("ODDETR_TEST_NAN_CALLS", "").split(",") if c}
     nan_rank = int(os.environ.get("ODDETR_TEST_NAN_RANK", "1"))
-    real_losses, real_fit = trainer_module.compute_losses, trainer_module.Trainer.fit
+    real_losses, real_fit = step_module.compute_losses, trainer_module.Trainer.fit
     calls = [0]
 
     def compute_losses(*args, **kwargs):
@@ -52,7 +53,7 @@ def install() -> None:
                 json.dump(info, fh)
         return record
 
-    trainer_module.compute_losses = compute_losses
+    step_module.compute_losses = compute_losses
     trainer_module.Trainer.fit = fit
 
 

@@ -23,7 +23,7 @@ import torch
 from engine_testutils import FAST_KEYS, read_jsonl, synthetic_keys, unequal_tensors, without_timing
 
 from oddetr.config import resolve_config
-from oddetr.engine import trainer as trainer_module
+from oddetr.engine import step as step_module
 from oddetr.engine.checkpoint import safe_load
 from oddetr.engine.sampler import EpochSampler
 from oddetr.engine.trainer import Trainer
@@ -67,7 +67,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path, tiny_keys, monkeypa
     # 1 process, batch 4 (also generates the synthetic set before the two ranks read it); the 3rd batch NaN
     single_run, ddp_run, dump = tmp_path / "single", tmp_path / "ddp", tmp_path / "dump"
     cfg = resolve_config(overrides=_keys(tmp_path, tiny_keys, "train.batch_size=4", f"output={single_run}"))
-    real = trainer_module.compute_losses
+    real = step_module.compute_losses
     calls = []
 
     def nan_third(*args, **kwargs):
@@ -75,7 +75,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path, tiny_keys, monkeypa
         losses, total = real(*args, **kwargs)
         return losses, (total * float("nan") if len(calls) == 3 else total)
 
-    monkeypatch.setattr(trainer_module, "compute_losses", nan_third)
+    monkeypatch.setattr(step_module, "compute_losses", nan_third)
     trainer = Trainer(cfg)
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     single = trainer.fit()

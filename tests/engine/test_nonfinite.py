@@ -1,7 +1,7 @@
 """The non-finite guard: NaN steps are skipped (changing nothing), counted, and stop training when in a row.
 
-NaNs are injected by wrapping the trainer's ``compute_losses`` (a NaN total after a real forward pass)
-or ``move_batch`` (NaN pixels, so that the predictions and the matching cost are NaN).
+NaNs are injected by wrapping the guarded step's ``compute_losses`` (a NaN total after a real forward pass)
+or the trainer's ``move_batch`` (NaN pixels, so that the predictions and the matching cost are NaN).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from engine_testutils import FAST_KEYS, clone_state, read_jsonl, synthetic_keys,
 
 from oddetr.cli import main
 from oddetr.config import resolve_config
+from oddetr.engine import step as step_module
 from oddetr.engine import trainer as trainer_module
 from oddetr.engine.checkpoint import safe_load
 from oddetr.engine.trainer import Trainer
@@ -34,8 +35,8 @@ class Recorder:
         self.nan_calls = nan_calls
         self.trainer = trainer
         self.snapshots: list[dict] = []
-        self.real = trainer_module.compute_losses
-        monkeypatch.setattr(trainer_module, "compute_losses", self)
+        self.real = step_module.compute_losses
+        monkeypatch.setattr(step_module, "compute_losses", self)
 
     def __call__(self, model, criterion, distiller, *args, **kwargs):
         snap = {"student": clone_state(model), "teacher": clone_state(distiller.teacher.model),
@@ -81,7 +82,7 @@ def test_nan_loss_steps_are_skipped_counted_and_change_nothing(tmp_path: Path, t
     assert logged["train/nonfinite_steps"] == record["train/nonfinite_steps"] == 3
     assert logged["step"] == 3 and logged["distill/ema_step"] == 3
     assert math.isfinite(logged["train/loss"]) and logged["student/AP"] is not None
-    assert trainer.nonfinite_total == 3 and safe_load(tmp_path / "run" / "last.pt")["nonfinite_total"] == 3
+    assert trainer.state.nonfinite_total == 3 and safe_load(tmp_path / "run" / "last.pt")["nonfinite_total"] == 3
 
 
 def test_nan_predictions_are_skipped_not_a_matcher_crash(tmp_path: Path, tiny_keys, monkeypatch) -> None:
@@ -101,7 +102,7 @@ def test_nan_predictions_are_skipped_not_a_matcher_crash(tmp_path: Path, tiny_ke
 
     assert len(calls) == 4
     assert record["train/nonfinite_steps"] == 1 and record["step"] == 3 and record["distill/ema_step"] == 3
-    assert "non-finite matching cost" in trainer.last_nonfinite
+    assert "non-finite matching cost" in trainer.stepper.last_nonfinite
     # the NaN forward pass ran through trainable BatchNorm: its statistics were restored, not poisoned
     for model in (trainer.model, trainer.distiller.teacher.model):
         bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -20,8 +20,14 @@ def test_trainer_announces_the_run(tmp_path, coco_data, tiny_keys, capsys, one_t
     data = coco_data(num_images=4, size=96)
     run = tmp_path / "run"
     cfg = resolve_config(overrides=tiny_keys(*FAST_KEYS, *data.keys(), "data.image_size=48", f"output={run}"))
-    Trainer(cfg)
+    trainer = Trainer(cfg)
     err = capsys.readouterr().err
+    # the picture shows the very batch the loop trains on first (same items, same augmentation)
+    shown = first_train_batch(cfg, trainer.train_set)
+    trainer.train_sampler.set_epoch(0)
+    fed = next(iter(trainer.train_loader))
+    assert torch.equal(shown[0], fed[0]) and torch.equal(shown[1], fed[1])
+    assert [t["image_id"] for t in shown[2]] == [t["image_id"] for t in fed[2]]
     header = next(line for line in err.splitlines() if line.startswith("oddetr train:"))
     assert "data.image_size=48" in header and "4 train / 4 val images, 3 classes" in header
     assert "warning:" not in err

@@ -83,9 +83,13 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
 
 def _seed_worker(worker_id: int) -> None:
     import random
+    import signal
 
     import numpy as np
 
+    # a scheduler's SIGTERM reaches every process of the job: the main process saves and then shuts the
+    # workers down; a worker dying of it first would fail the batch the checkpoint waits for
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -41,10 +41,17 @@ def load_checkpoint_model(path: str | Path, weights: str = "auto", device: torch
     teacher = state.get("teacher")
     if weights not in ("auto", "teacher", "student"):
         raise ConfigError(f"config key 'weights' got {weights!r}, expected auto, teacher or student")
-    if weights == "teacher" and not teacher:
-        raise CheckpointError(f"{path} has no EMA teacher (trained with distill.enabled=false); use weights=student")
-    use_teacher = weights == "teacher" or (weights == "auto" and bool(teacher))
-    sd = teacher["model"] if use_teacher else state["model"]
+    if state.get("contents") == "weights":  # a best.pt: one set of weights, ``state["weights"]`` says whose
+        holder = state.get("weights", "student")
+        if weights not in ("auto", holder):
+            raise CheckpointError(f"{path} holds only the {holder}'s weights; use weights=auto or the run's last.pt")
+        use_teacher, sd = holder == "teacher", state["model"]
+    else:
+        if weights == "teacher" and not teacher:
+            raise CheckpointError(f"{path} has no EMA teacher (trained with distill.enabled=false); "
+                                  "use weights=student")
+        use_teacher = weights == "teacher" or (weights == "auto" and bool(teacher))
+        sd = teacher["model"] if use_teacher else state["model"]
     try:
         model.load_state_dict(sd)
     except RuntimeError as err:

@@ -83,8 +83,9 @@ class MetricsLogger:
         if self.enabled:
             self._append_jsonl("steps.jsonl", record)
 
-    def truncate_after(self, epoch: int) -> None:
-        """On resume, drop records of epochs after the checkpoint's (a run killed mid-way)."""
+    def truncate_after(self, epoch: int, step: int | None = None) -> None:
+        """On resume, drop records of epochs after the checkpoint's (a run killed mid-way), and step
+        records from ``step`` on (the steps a mid-epoch checkpoint does not hold)."""
         if not self.enabled:
             return
         for name in ("metrics.jsonl", "steps.jsonl"):
@@ -92,7 +93,8 @@ class MetricsLogger:
             if not file.is_file():
                 continue
             lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if _epoch_of(ln) <= epoch]
+            kept = [ln for ln in lines if _field(ln, "epoch") <= epoch
+                    or (name == "steps.jsonl" and step is not None and _field(ln, "step") < step)]
             file.write_text("".join(ln + "\n" for ln in kept))
 
     def close(self) -> None:
@@ -100,9 +102,9 @@ class MetricsLogger:
             self.writer.close()
 
 
-def _epoch_of(line: str) -> float:
-    """The ``epoch`` of a JSONL record; a line cut short by a killed run counts as after every epoch."""
+def _field(line: str, key: str) -> float:
+    """``key`` of a JSONL record; a line cut short by a killed run counts as after every epoch and step."""
     try:
-        return json.loads(line).get("epoch", 0)
+        return json.loads(line).get(key, 0)
     except (json.JSONDecodeError, AttributeError):
         return math.inf

@@ -7,7 +7,6 @@ writes ``RUN/dataset.json``, ``RUN/plots/labels.png`` and ``RUN/plots/train_batc
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,7 +18,7 @@ from oddetr.data.coco import DetectionDataset
 from oddetr.data.collate import collate_detection
 from oddetr.data.preview import plot_labels, plot_train_batch
 from oddetr.data.summary import box_arrays, format_summary, size_warnings, summarize_split, write_summary
-from oddetr.engine.sampler import EpochSampler
+from oddetr.engine.sampler import EpochSampler, SeededSamples
 
 __all__ = ["announce_run", "first_train_batch", "run_header"]
 
@@ -37,21 +36,17 @@ def run_header(cfg: Config, train_set: DetectionDataset, val_set: DetectionDatas
 
 def first_train_batch(cfg: Config, train_set: DetectionDataset, world_size: int = 1
                       ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
-    """Rank 0's first training batch (the sampler's epoch-0 indices), augmented as in training.
+    """Rank 0's first training batch: the sampler's epoch-0 items, each augmented under its own sample
+    seed exactly as the training loader does (:class:`SeededSamples`, which leaves the caller's RNG
+    states as they were).
 
-    Returns ``images`` (B, 3, H, W), ``masks`` (B, H, W), targets. The augmentation draws from a forked
-    RNG, so the training run's random streams are not touched.
+    Returns ``images`` (B, 3, H, W), ``masks`` (B, H, W), targets.
     """
-    sampler = EpochSampler(len(train_set), True, cfg.seed, 0, world_size)
-    indices = sampler.indices()[: cfg.train.batch_size]
-    python_state = random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            batch = [train_set[i] for i in indices]
-    finally:
-        random.setstate(python_state)
-    return collate_detection(batch)
+    sampler = EpochSampler(len(train_set), True, cfg.seed, 0, world_size, sample_seeds=True)
+    sampler.set_epoch(0)
+    items = list(sampler)[: cfg.train.batch_size]
+    samples = SeededSamples(train_set)
+    return collate_detection([samples[item] for item in items])
 
 
 def announce_run(cfg: Config, run_dir: Path, train_set: DetectionDataset, val_set: DetectionDataset,

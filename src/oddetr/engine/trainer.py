@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
@@ -17,22 +15,28 @@ from tqdm import tqdm
 from oddetr.config import Config
 from oddetr.distill.distiller import OnlineDistiller
 from oddetr.engine import distributed as dist
-from oddetr.engine.checkpoint import atomic_save, prune_checkpoints, rng_state, safe_load, set_rng_state
+from oddetr.engine.checkpoint import (
+    EpochProgress,
+    TrainState,
+    safe_load,
+    save_run_checkpoints,
+    seed_everything,
+)
 from oddetr.engine.data import build_dataset, check_same_categories, make_loader
 from oddetr.engine.evaluate import evaluate, move_batch, probe_assignment
 from oddetr.engine.init_weights import load_init_weights
 from oddetr.engine.optim import build_optimizer, build_scheduler
+from oddetr.engine.preemption import Preempted, StopOnSigterm
 from oddetr.engine.run_dir import MetricsLogger, prepare_run_dir, write_config
 from oddetr.engine.run_start import announce_run
-from oddetr.engine.sampler import EpochSampler
-from oddetr.engine.step import compute_losses
+from oddetr.engine.sampler import EpochSampler, SeededSamples
+from oddetr.engine.step import GuardedStep
 from oddetr.errors import ConfigError, DataError, TrainingError
 from oddetr.evaluation.instability import instability, select_probe_indices
 from oddetr.evaluation.plots import plot_metrics
-from oddetr.losses.criterion import SetCriterion, summarize_losses
+from oddetr.losses.criterion import SetCriterion
 from oddetr.models.detector import build_model
 
-CHECKPOINT_FORMAT = "oddetr-checkpoint-v1"
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -48,12 +52,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda requested but CUDA is not available")
     return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -82,10 +80,12 @@ class Trainer:
         probe_base = build_dataset(cfg, "train", train=False)
         probe = Subset(probe_base, select_probe_indices(len(probe_base), cfg.train.instability_probe, cfg.seed))
         world, rank = dist.world_size(), dist.rank()
-        self.train_sampler = EpochSampler(len(self.train_set), True, cfg.seed, rank, world)
+        # augmentation seeded per sample from (seed, epoch, position): the same with any number of workers,
+        # and a run resumed mid-epoch draws what the uninterrupted run would have
+        self.train_sampler = EpochSampler(len(self.train_set), True, cfg.seed, rank, world, sample_seeds=True)
         workers = cfg.data.num_workers
-        self.train_loader = make_loader(self.train_set, cfg.train.batch_size, False, workers, cfg.seed,
-                                        sampler=self.train_sampler)
+        self.train_loader = make_loader(SeededSamples(self.train_set), cfg.train.batch_size, False, workers,
+                                        cfg.seed, sampler=self.train_sampler)
         self.val_loader = make_loader(self.val_set, cfg.eval.batch_size, False, workers, cfg.seed,
                                       sampler=EpochSampler(len(self.val_set), False, 0, rank, world))
         self.probe_loader = make_loader(probe, cfg.eval.batch_size, False, 0, cfg.seed,
@@ -120,157 +120,135 @@ class Trainer:
         # after DDP, which broadcasts rank 0's weights: every rank's teacher starts from the same student
         self.distiller = OnlineDistiller(self.model, cfg, self.criterion) if cfg.distill.enabled else None
 
-        # ---- state
-        self.epoch = 0
-        self.step = 0
-        self.best = -1.0
-        self.nonfinite_total = 0
-        self.last_nonfinite = ""
-        self.previous_assignment: dict[str, dict] = {}
+        # ---- state: what a checkpoint holds, and the guarded step that moves it
+        meta = {"config": cfg.to_dict(), "num_classes": num_classes,
+                "classes": {"names": list(self.train_set.class_names),
+                            "label_to_cat_id": [int(c) for c in self.train_set.label_to_cat_id],
+                            "categories": list(self.train_set.categories)}}
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.scaler, self.distiller, meta)
+        self.stepper = GuardedStep(self.state, self.ddp, self.criterion, cfg.train, self.device)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
+        self.stop = StopOnSigterm()  # entered (the handler installed) by fit()
+        self.last_mid_save = -1  # the step of the last mid-epoch checkpoint
         if resume:
-            self.load_checkpoint(self.run_dir / "last.pt")
-            self.logger.truncate_after(self.epoch)
+            self.state.load_state_dict(safe_load(self.run_dir / "last.pt"), self.run_dir / "last.pt", cfg.seed)
+            self.logger.truncate_after(self.state.epoch, self.state.step)
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken."""
+        return self.state.step
 
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
-        """Train for ``train.epochs``; return the last epoch's metrics record."""
+        """Train for ``train.epochs``; return the last epoch's metrics record.
+
+        Raises :class:`Preempted` after saving ``last.pt`` when SIGTERM arrives (``--resume`` continues).
+        """
         record: dict[str, Any] = {}
-        try:
-            while self.epoch < self.cfg.train.epochs:
-                train_stats = self.train_one_epoch()
-                self.epoch += 1
-                # each rank's BatchNorm statistics (student, and the teacher's copies) follow its own batches:
-                # evaluate and save rank 0's everywhere, so that ranks agree and a resumed run continues exactly
-                dist.broadcast_buffers(self.model)
-                if self.distiller is not None:
-                    dist.broadcast_buffers(self.distiller.teacher.model)
-                record = {"epoch": self.epoch, "step": self.step, **train_stats}
-                if self.epoch % self.cfg.train.eval_every == 0 or self.epoch == self.cfg.train.epochs:
-                    record.update(self.evaluate_all())
-                self.logger.log_epoch(record)
-                self.save_checkpoints(record)
-                if self.is_main:
-                    print_epoch_summary(record, file=sys.stderr)
-                    plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
-        finally:
-            self.logger.close()
+        state = self.state
+        with self.stop:
+            try:
+                while state.epoch < self.cfg.train.epochs:
+                    train_stats = self.train_one_epoch()
+                    state.epoch += 1
+                    # each rank's BatchNorm statistics (student, and the teacher's copies) follow its own batches:
+                    # evaluate and save rank 0's everywhere, so that ranks agree and a resumed run continues exactly
+                    dist.broadcast_buffers(self.model)
+                    if self.distiller is not None:
+                        dist.broadcast_buffers(self.distiller.teacher.model)
+                    record = {"epoch": state.epoch, "step": state.step, **train_stats}
+                    if state.epoch % self.cfg.train.eval_every == 0 or state.epoch == self.cfg.train.epochs:
+                        record.update(self.evaluate_all())
+                    self.logger.log_epoch(record)
+                    self.save_checkpoints(record)
+                    if self.is_main:
+                        print_epoch_summary(record, file=sys.stderr)
+                        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+                    if state.epoch < self.cfg.train.epochs and self.stop.agreed(self.device):
+                        raise self.preempted()
+            finally:
+                self.logger.close()
         return record
 
     def train_one_epoch(self) -> dict[str, float]:
-        cfg = self.cfg
-        model = self.ddp or self.model
-        model.train()
-        self.train_sampler.set_epoch(self.epoch)
-        self.train_loader.generator.manual_seed(cfg.seed * 1009 + self.epoch)
-        totals: dict[str, float] = {}
-        count = images = nonfinite = consecutive = 0
-        start = time.perf_counter()
-        bar = tqdm(total=self.batches_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
-                   disable=not self.is_main, leave=False, dynamic_ncols=True, file=sys.stderr)
-        self.optimizer.zero_grad(set_to_none=True)
-        try:  # close the bar on errors too, so that the CLI's one-line error starts its own line
-            for i, batch in enumerate(self.train_loader):
+        """One pass over the training set (from where a mid-epoch checkpoint left it); the epoch's stats."""
+        cfg, state = self.cfg.train, self.state
+        progress = state.progress  # all zero unless resumed mid-epoch
+        self.train_sampler.set_epoch(state.epoch, start=progress.batches * cfg.batch_size)
+        self.stepper.net.train()
+        state.optimizer.zero_grad(set_to_none=True)
+        start = time.perf_counter() - progress.elapsed
+        bar = tqdm(total=self.batches_per_epoch, initial=progress.batches, disable=not self.is_main, leave=False,
+                   desc=f"epoch {state.epoch + 1}/{self.cfg.train.epochs}", dynamic_ncols=True, file=sys.stderr)
+        with bar:  # closed on errors too, so that the CLI's one-line error starts its own line
+            for i, batch in enumerate(self.train_loader, start=progress.batches):
                 if i >= self.batches_per_epoch:
                     break
-                images_b, masks, targets = move_batch(*batch, self.device)
-                step_index, lr = self.step, self.optimizer.param_groups[-1]["lr"]
-                # the forward pass updates BatchNorm statistics: a skipped step must not keep them
-                buffers = [b.detach().clone() for b in self.model.buffers()]
-                ok, losses, total = self.forward_losses(model, images_b, masks, targets, i)
-                if ok:
-                    self.scaler.scale(total / cfg.train.grad_accum).backward()
-                    if (i + 1) % cfg.train.grad_accum == 0:
-                        ok = self.optimizer_step()
-                if not ok:
-                    nonfinite += 1
-                    consecutive += 1
-                    self.optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for b, saved in zip(self.model.buffers(), buffers):
-                            b.copy_(saved)
-                    if consecutive >= cfg.train.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"training stopped at epoch {self.epoch + 1} step {self.step}: {consecutive} non-finite "
-                            f"steps in a row ({self.last_nonfinite}); the last good checkpoint is "
-                            f"{self.run_dir / 'last.pt'}")
-                    bar.update(1)
-                    continue
-                consecutive = 0
-                count += 1
-                images += images_b.shape[0]
-                for key, value in summarize_losses(losses).items():
-                    totals[key] = totals.get(key, 0.0) + value
-                totals["loss"] = totals.get("loss", 0.0) + float(total.detach())
-                if cfg.train.log_steps:  # every rank takes part in the mean; rank 0 writes it
-                    mean_loss = dist.all_reduce_sum(float(total.detach()), self.device) / dist.world_size()
-                    self.logger.log_step_record({"epoch": self.epoch + 1, "step": step_index, "loss": mean_loss,
-                                                 "lr": lr})
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{float(total.detach()):.3f}", lr=f"{lr:.2e}",
-                                img_s=f"{images * dist.world_size() / max(elapsed, 1e-9):.1f}")
+                images, masks, targets = move_batch(*batch, self.device)
+                step, lr = state.step, state.optimizer.param_groups[-1]["lr"]
+                window_end = (i + 1) % cfg.grad_accum == 0
+                result = self.stepper(images, masks, targets, window_end,
+                                      f"epoch {state.epoch + 1} step {step} batch {i}")
+                progress.add(result.finite, result.losses, images.shape[0])
+                if progress.consecutive >= cfg.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"training stopped at epoch {state.epoch + 1} step {state.step}: {progress.consecutive} "
+                        f"non-finite steps in a row ({self.stepper.last_nonfinite}); the last good checkpoint is "
+                        f"{self.run_dir / 'last.pt'}")
+                if result.finite:
+                    speed = progress.images * dist.world_size() / max(time.perf_counter() - start, 1e-9)
+                    self.log_step(bar, step, lr, result.losses["loss"], speed)
                 bar.update(1)
-                if self.is_main and self.step % 20 == 0:
-                    self.logger.log_step(self.step, {"loss": float(total.detach()), "lr": lr})
-        finally:
-            bar.close()
-        elapsed = time.perf_counter() - start
-        self.nonfinite_total += nonfinite
-        stats = {f"train/{k}": v / max(count, 1) for k, v in totals.items()}
+                if window_end and i + 1 < self.batches_per_epoch and self.save_mid_epoch(start):
+                    raise self.preempted()
+        state.progress = EpochProgress()
+        return self.epoch_stats(progress, time.perf_counter() - start)
+
+    def log_step(self, bar: tqdm, step: int, lr: float, loss: float, images_per_s: float) -> None:
+        """A finite batch: ``steps.jsonl`` (``train.log_steps``), TensorBoard every 20 steps, the progress bar."""
+        if self.cfg.train.log_steps:  # every rank takes part in the mean; rank 0 writes it
+            mean_loss = dist.all_reduce_sum(loss, self.device) / dist.world_size()
+            self.logger.log_step_record({"epoch": self.state.epoch + 1, "step": step, "loss": mean_loss, "lr": lr})
+        if self.is_main and self.state.step % 20 == 0:
+            self.logger.log_step(self.state.step, {"loss": loss, "lr": lr})
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+
+    def save_mid_epoch(self, start: float) -> bool:
+        """After an optimiser step: save ``last.pt`` every ``train.checkpoint_every`` steps or on SIGTERM.
+
+        True if training must stop (SIGTERM; the checkpoint is written).
+        """
+        every, state = self.cfg.train.checkpoint_every, self.state
+        stop = self.stop.agreed(self.device)
+        if stop or (every > 0 and state.step % every == 0 and state.step != self.last_mid_save):
+            state.progress.elapsed = time.perf_counter() - start
+            self.save_checkpoints(None)
+            self.last_mid_save = state.step
+        return stop
+
+    def preempted(self) -> Preempted:
+        s = self.state
+        where = f"epoch {s.epoch + 1} batch {s.progress.batches}" if s.progress.batches else f"the end of epoch {s.epoch}"
+        return Preempted(f"stopped by SIGTERM at {where} (step {s.step}); saved {self.run_dir / 'last.pt'}; "
+                         f"continue with: oddetr train --resume output={self.run_dir}")
+
+    def epoch_stats(self, progress: EpochProgress, elapsed: float) -> dict[str, float]:
+        """Means over the epoch's finite batches (and ranks), learning rate, throughput, skipped batches."""
+        self.state.nonfinite_total += progress.nonfinite
+        stats = {f"train/{k}": v / max(progress.count, 1) for k, v in progress.totals.items()}
         stats = dist.all_reduce_mean_dict(stats, self.device)
         stats.update({
             "train/lr": self.optimizer.param_groups[-1]["lr"],
-            "train/images_per_s": dist.all_reduce_sum(images, self.device) / max(elapsed, 1e-9),
-            "train/nonfinite_steps": nonfinite,
+            "train/images_per_s": dist.all_reduce_sum(progress.images, self.device) / max(elapsed, 1e-9),
+            "train/nonfinite_steps": progress.nonfinite,
             "time/epoch_s": elapsed,
         })
         if self.distiller is not None:
             stats["distill/ramp"] = self.distiller.ramp()
             stats["distill/ema_step"] = self.distiller.teacher.step
         return stats
-
-    def forward_losses(self, model, images, masks, targets, batch_index):
-        """One forward pass (teacher, then student) -> (finite?, loss dict, weighted total)."""
-        cfg = self.cfg
-        context = f"epoch {self.epoch + 1} step {self.step} batch {batch_index}"
-        n_boxes = sum(len(t["labels"]) for t in targets)
-        num_boxes = max(dist.all_reduce_sum(n_boxes, self.device) / dist.world_size(), 1.0)
-        try:
-            losses, total = compute_losses(model, self.criterion, self.distiller, images, masks, targets, num_boxes,
-                                           cfg.train.amp, context)
-        except TrainingError as err:  # non-finite matching cost
-            self.last_nonfinite = str(err)
-            losses, total = {}, None
-        else:
-            if not torch.isfinite(total):
-                self.last_nonfinite = f"non-finite loss at {context}"
-        finite = total is not None and bool(torch.isfinite(total))
-        # ranks skip together: one rank leaving out backward() would leave DDP's gradient all-reduce hanging
-        if not dist.all_true(finite, self.device):
-            if finite:
-                self.last_nonfinite = f"non-finite loss on another rank at {context}"
-            return False, losses, total
-        return True, losses, total
-
-    def optimizer_step(self) -> bool:
-        """Clip, step, schedule, EMA. False (and nothing changes) if the gradients are not finite."""
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = self.cfg.train.clip_grad if self.cfg.train.clip_grad > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not torch.isfinite(norm):
-            self.last_nonfinite = f"non-finite gradient norm at epoch {self.epoch + 1} step {self.step}"
-            self.scaler.update()
-            return self.scaler.is_enabled()  # fp16: the scaler skipped the step and lowered its scale
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
-        if self.distiller is not None:
-            self.distiller.update(self.model)
-        return True
 
     # ------------------------------------------------------------------ evaluation
 
@@ -287,83 +265,31 @@ class Trainer:
                                self.cfg.eval.max_detections, self.cfg.train.amp)
             out.update({f"{name}/{k}": v for k, v in metrics.items() if k in METRIC_KEYS})
             current = probe_assignment(model, self.probe_loader, self.criterion.matcher, self.device)
-            previous = self.previous_assignment.get(name)
+            previous = self.state.previous_assignment.get(name)
             if previous is not None:
                 out[f"{name}/instability"] = instability(previous, current)
-            self.previous_assignment[name] = current
+            self.state.previous_assignment[name] = current
             model.train(was_training)
         return out
 
     # ------------------------------------------------------------------ checkpoints
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.cfg.to_dict(),
-            "num_classes": self.num_classes,
-            "classes": {"names": list(self.train_set.class_names),
-                        "label_to_cat_id": [int(c) for c in self.train_set.label_to_cat_id],
-                        "categories": list(self.train_set.categories)},
-            "model": self.model.state_dict(),
-            "teacher": self.distiller.state_dict() if self.distiller else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "best": self.best,
-            "nonfinite_total": self.nonfinite_total,
-            "previous_assignment": {k: {f"{i}:{g}": q for (i, g), q in v.items()}
-                                    for k, v in self.previous_assignment.items()},
-            "rng": rng_state(),
-        }
+    def save_checkpoints(self, record: dict[str, Any] | None) -> None:
+        """``last.pt`` (full state), ``best.pt`` (weights) if AP improved, ``epoch_N.pt`` (a link) if kept.
 
-    def save_checkpoints(self, record: dict[str, Any]) -> None:
-        # every rank's RNG streams (augmentation, dropout), so that a resumed run continues each of them
-        rank_rngs = dist.gather_objects(rng_state()) if dist.is_distributed() else None
-        if not self.is_main:
-            dist.barrier()
-            return
-        state = self.checkpoint_state()
-        if rank_rngs is not None:
-            state["rng_ranks"] = rank_rngs
+        ``record`` None: a mid-epoch checkpoint, ``last.pt`` only. Collective under DDP.
+        """
+        state, cfg = self.state, self.cfg.train
         key = ("teacher" if self.distiller else "student") + "/AP"
-        improved = key in record and record[key] > self.best
+        improved = record is not None and key in record and record[key] > state.best
         if improved:
-            self.best = record[key]
-            state["best"] = self.best
-        if self.cfg.train.keep_checkpoints > 0:
-            atomic_save(state, self.run_dir / f"epoch_{self.epoch:03d}.pt")
-            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        if improved and self.cfg.train.save_best:
-            atomic_save(state, self.run_dir / "best.pt")
-        atomic_save(state, self.run_dir / "last.pt")
+            state.best = record[key]
+        full = state.state_dict()  # gathers every rank's RNG streams and epoch progress
+        weights = state.weights() if improved and cfg.save_best else None
+        if self.is_main:
+            save_run_checkpoints(self.run_dir, full, weights, state.epoch if record is not None else None,
+                                 cfg.keep_checkpoints)
         dist.barrier()
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = safe_load(path)
-        self.model.load_state_dict(state["model"])
-        if self.distiller is not None:
-            if not state.get("teacher"):
-                raise ConfigError(f"{path} has no EMA teacher; resume it with distill.enabled=false")
-            self.distiller.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
-        self.best = float(state["best"])
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.previous_assignment = {
-            k: {(int(key.split(":")[0]), int(key.split(":")[1])): q for key, q in v.items()}
-            for k, v in state.get("previous_assignment", {}).items()}
-        rank_rngs = state.get("rng_ranks") or [state["rng"]]
-        if len(rank_rngs) == dist.world_size():
-            set_rng_state(rank_rngs[dist.rank()])
-        else:  # another number of processes than the run had: continue rank 0's streams, fresh ones elsewhere
-            set_rng_state(state["rng"])
-            if dist.rank() > 0:
-                seed_everything(self.cfg.seed + dist.rank() + 1_000_003 * self.epoch)
 
 
 def print_epoch_summary(record: dict[str, Any], file=sys.stderr) -> None:
