@@ -1,4 +1,4 @@
-"""``oddetr train | eval | predict``: parse, build, call the engine. Errors print one line."""
+"""``oddetr train | eval | predict | export``: parse, build, call the engine. Errors print one line."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ commands:
   train     train a detector (default: deformable-detr-tiny on the embedded synthetic dataset)
   eval      evaluate a checkpoint: oddetr eval checkpoint=FILE [data.val.* keys]
   predict   draw and save detections: oddetr predict checkpoint=FILE images=DIR_OR_FILE output=DIR
+  export    oddetr export checkpoint=FILE format=onnx|torchscript|export output=FILE [image_size=H,W]
   presets   list the built-in presets
 
 examples:
@@ -32,6 +33,7 @@ examples:
 COMMAND_KEYS = {
     "eval": {"checkpoint", "weights"},
     "predict": {"checkpoint", "weights", "images", "output", "score_threshold"},
+    "export": {"checkpoint", "weights", "format", "output", "image_size"},
 }
 
 
@@ -116,8 +118,7 @@ def _check_classes(dataset, loaded) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from oddetr.engine.inference import load_checkpoint_model
-    from oddetr.engine.predict import predict_images
+    from oddetr.api import Detector
 
     own, rest = _split_command_keys("predict", args.overrides)
     path = _require(own, "checkpoint", "predict")
@@ -127,10 +128,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         threshold = float(own.get("score_threshold", "0.3"))
     except ValueError:
         raise ConfigError(f"config key 'score_threshold' got {own['score_threshold']!r}, expected a number") from None
-    loaded = load_checkpoint_model(path, own.get("weights", "auto"), config_overrides=_eval_overrides(rest))
-    written = predict_images(loaded, images, output, threshold)
+    detector = Detector.from_checkpoint(path, own.get("weights", "auto"), overrides=_eval_overrides(rest))
+    written = detector.predict_files(images, output, threshold)
     print(f"wrote {len(written)} images and {Path(output) / 'detections.json'} "
-          f"({loaded.weights} weights)", file=sys.stderr)
+          f"({detector.weights} weights)", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import yaml
+
+    from oddetr.api import Detector
+
+    own, rest = _split_command_keys("export", args.overrides)
+    path = _require(own, "checkpoint", "export")
+    output = _require(own, "output", "export")
+    size = yaml.safe_load(own["image_size"]) if own.get("image_size") else None
+    detector = Detector.from_checkpoint(path, own.get("weights", "auto"), device="cpu",
+                                        overrides=_eval_overrides(rest))
+    written = detector.export(output, own.get("format", "onnx"), size)
+    print(f"wrote {written} ({own.get('format', 'onnx')}, {detector.weights} weights)", file=sys.stderr)
     return 0
 
 
@@ -145,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddetr", usage=USAGE, add_help=True)
     parser.add_argument("--version", action="version", version=f"oddetr {__version__}")
     sub = parser.add_subparsers(dest="command")
-    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("predict", cmd_predict), ("presets", cmd_presets)):
+    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("predict", cmd_predict), ("export", cmd_export),
+                       ("presets", cmd_presets)):
         p = sub.add_parser(name)
         p.add_argument("--config", default=None, help="YAML config file (may name a preset with 'base:')")
         if name == "train":

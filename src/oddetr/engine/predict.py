@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
-from torchvision import tv_tensors
+from typing import TYPE_CHECKING
 
 from oddetr.data.images import load_image
-from oddetr.data.transforms import build_transforms
-from oddetr.engine.inference import LoadedModel
-from oddetr.engine.trainer import resolve_device
 from oddetr.errors import DataError
-from oddetr.models.postprocess import postprocess
 from oddetr.visualize import draw_detections
+
+if TYPE_CHECKING:
+    from oddetr.api import Detector
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -31,40 +28,27 @@ def list_images(path: str | Path) -> list[Path]:
     raise DataError(f"images not found: {path}")
 
 
-@torch.no_grad()
-def predict_images(loaded: LoadedModel, images: str | Path, output: str | Path,
+def predict_images(detector: Detector, images: str | Path, output: str | Path,
                    score_threshold: float = 0.3) -> list[Path]:
     """Detect objects in each image; write ``<output>/<name>.png`` and ``<output>/detections.json``.
 
     The JSON holds COCO result dicts (``image_id`` is the image's index in sorted order, and
     ``file_name`` names the file), scores above ``score_threshold``.
     """
-    cfg = loaded.config
-    device = resolve_device(cfg.device)
-    model = loaded.model.to(device).eval()
-    transform = build_transforms(train=False, scales=cfg.data.scales, max_size=cfg.data.max_size)
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cat_ids = detector.label_to_cat_id
     results, written = [], []
     for index, file in enumerate(list_images(images)):
         pil = load_image(file)
-        empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(pil.height, pil.width))
-        tensor, _, _ = transform(pil, empty, torch.zeros(0, dtype=torch.int64))
-        batch = tensor[None].to(device)
-        mask = torch.zeros(batch.shape[0], *batch.shape[-2:], dtype=torch.bool, device=device)
-        out = model(batch, mask)
-        size = torch.tensor([[pil.height, pil.width]], device=device)
-        det = postprocess(out.pred_logits, out.pred_boxes, size, cfg.eval.max_detections)[0]
-        keep = det["scores"] >= score_threshold
-        boxes, scores, labels = det["boxes"][keep].cpu(), det["scores"][keep].cpu(), det["labels"][keep].cpu()
-        names = [loaded.class_names[int(c)] if int(c) < len(loaded.class_names) else str(int(c)) for c in labels]
-        drawn = draw_detections(pil, boxes, names, scores)
+        det = detector.predict(pil, score_threshold, batch_size=1)
+        drawn = draw_detections(pil, det.boxes, det.names, det.scores)
         target = out_dir / f"{file.stem}.png"
         drawn.save(target)
         written.append(target)
-        for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+        for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
             x0, y0, x1, y1 = box
-            cat = loaded.label_to_cat_id[label] if label < len(loaded.label_to_cat_id) else label
+            cat = cat_ids[label] if label < len(cat_ids) else label
             results.append({"image_id": index, "file_name": file.name, "category_id": int(cat),
                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
     (out_dir / "detections.json").write_text(json.dumps(results))
