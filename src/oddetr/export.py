@@ -34,7 +34,7 @@ from oddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from oddetr.errors import ConfigError
 from oddetr.models.postprocess import top_detections
 
-__all__ = ["FORMATS", "OUTPUT_NAMES", "ExportableDetector", "default_image_size", "export_detector"]
+__all__ = ["FORMATS", "OUTPUT_NAMES", "ExportableDetector", "default_image_size", "export_detector", "export_program"]
 
 FORMATS = ("onnx", "torchscript", "export")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
@@ -137,6 +137,15 @@ def _export_onnx(wrapper: ExportableDetector, example: torch.Tensor, path: Path)
     axes = {"images": {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
     torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
                       input_names=["images"], output_names=list(OUTPUT_NAMES), dynamic_axes=axes)
+
+
+def export_program(model: nn.Module, image_size: tuple[int, int] = (128, 128),
+                   max_detections: int = 100) -> torch.export.ExportedProgram:
+    """``torch.export`` of :class:`ExportableDetector` around a CPU copy of ``model``: batch 1..1024
+    and height, width 64..4096 dynamic (what ``format=export`` saves)."""
+    wrapper = ExportableDetector(copy.deepcopy(model).cpu().eval(), max_detections).eval()
+    with torch.no_grad():
+        return _torch_export(wrapper, torch.rand(2, 3, *image_size))
 
 
 def _torch_export(wrapper: ExportableDetector, example: torch.Tensor) -> torch.export.ExportedProgram:
