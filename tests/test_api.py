@@ -204,3 +204,30 @@ def test_predicting_does_not_import_the_training_stack(run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"light": True, "heavy": []}
+
+
+def test_export_command_writes_an_onnx_model_that_agrees_with_predict(run, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")  # the [export] / [test] extra
+    from oddetr.cli import main
+
+    checkpoint = run[0] / "last.pt"
+    out = tmp_path / "model.onnx"
+    assert main(["export", f"checkpoint={checkpoint}", "format=onnx", f"output={out}", "image_size=64"]) == 0
+    assert f"wrote {out} (onnx, student weights)" in capsys.readouterr().err
+    det = Detector.from_checkpoint(checkpoint, device="cpu")
+    pixels = torch.from_numpy(np.array(Image.open(run[1].path_of(1)).convert("RGB"))).permute(2, 0, 1)
+    image = pixels.float() / 255
+    boxes, scores, labels = ort.InferenceSession(str(out)).run(None, {"images": image[None].numpy()})
+    expected = det.predict(image, score_threshold=0.0)
+    assert boxes.shape == (1, len(expected), 4)
+    # an untrained model's scores nearly tie, so the order of equal scores may differ: match each row
+    for box, score, label in zip(boxes[0], scores[0], labels[0]):
+        same = (expected.labels == int(label)) & ((expected.scores - float(score)).abs() < 1e-5)
+        near = (expected.boxes[same] - torch.from_numpy(box)).abs().max(-1).values
+        assert near.numel() and float(near.min()) <= 1e-4
+    # bad requests: one line naming the key
+    assert main(["export", f"checkpoint={checkpoint}", "format=tflite", f"output={tmp_path / 'm'}"]) == 2
+    assert capsys.readouterr().err.strip() == ("oddetr export: error: config key 'format' got 'tflite', "
+                                               "expected one of onnx, torchscript, export")
+    assert main(["export", f"checkpoint={checkpoint}"]) == 2
+    assert "oddetr export: error: oddetr export needs output=..." in capsys.readouterr().err

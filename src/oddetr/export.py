@@ -23,6 +23,7 @@ Formats and their runtimes:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -134,6 +135,8 @@ def export_detector(model: nn.Module, path: str | Path, format: str = "onnx",
 
 
 def _export_onnx(wrapper: ExportableDetector, example: torch.Tensor, path: Path) -> None:
+    if importlib.util.find_spec("onnx") is None:
+        raise ConfigError("format=onnx needs the onnx package: pip install 'oddetr[export]' (or onnx onnxruntime)")
     axes = {"images": {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
     torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
                       input_names=["images"], output_names=list(OUTPUT_NAMES), dynamic_axes=axes)
