@@ -128,3 +128,8 @@ def test_bad_export_requests_raise_config_errors(tiny_config, tmp_path):
         det.export(tmp_path / "m.onnx", image_size="big")
     with pytest.raises(ConfigError, match="'image_size'"):
         det.export(tmp_path / "m.onnx", image_size=[16, 64])
+    # four feature levels: the stride-64 level needs 128 px for 2 cells
+    four = tiny_config("model.num_feature_levels=4")
+    det4 = Detector(build_model(four.model, 3), four, ["a", "b", "c"], device="cpu")
+    with pytest.raises(ConfigError, match="sides >= 128 for 4 feature levels"):
+        det4.export(tmp_path / "m.pt2", format="export", image_size=[64, 128])

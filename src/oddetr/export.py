@@ -8,7 +8,7 @@ The exported model is :class:`ExportableDetector`:
   indices, the top K = min(max_detections, queries x classes) (query, class) pairs per image.
 
 The batch is dynamic in every format. The image size is dynamic for ``export`` (any H, W in
-``[64, 4096]``); ONNX (the TorchScript-based exporter) and TorchScript (a trace) record the
+``[64, 4096]``, from 128 for models with 4 feature levels: :func:`min_dynamic_side`); ONNX (the TorchScript-based exporter) and TorchScript (a trace) record the
 level sizes as constants, so those files take exactly the export size.
 
 Formats and their runtimes:
@@ -35,7 +35,8 @@ from oddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from oddetr.errors import ConfigError
 from oddetr.models.postprocess import top_detections
 
-__all__ = ["FORMATS", "OUTPUT_NAMES", "ExportableDetector", "default_image_size", "export_detector", "export_program"]
+__all__ = ["FORMATS", "OUTPUT_NAMES", "ExportableDetector", "default_image_size", "export_detector", "export_program",
+           "min_dynamic_side"]
 
 FORMATS = ("onnx", "torchscript", "export")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
@@ -145,14 +146,24 @@ def _export_onnx(wrapper: ExportableDetector, example: torch.Tensor, path: Path)
 def export_program(model: nn.Module, image_size: tuple[int, int] = (128, 128),
                    max_detections: int = 100) -> torch.export.ExportedProgram:
     """``torch.export`` of :class:`ExportableDetector` around a CPU copy of ``model``: batch 1..1024
-    and height, width 64..4096 dynamic (what ``format=export`` saves)."""
+    and height, width :func:`min_dynamic_side`..4096 dynamic (what ``format=export`` saves)."""
     wrapper = ExportableDetector(copy.deepcopy(model).cpu().eval(), max_detections).eval()
     with torch.no_grad():
         return _torch_export(wrapper, torch.rand(2, 3, *image_size))
 
 
+def min_dynamic_side(num_feature_levels: int) -> int:
+    """The smallest image side ``format=export`` accepts: the coarsest feature level keeps 2 cells
+    (levels of stride 8, 16, 32, then 64, 128, ... for extra levels)."""
+    return max(MIN_SIDE, 2 * 32 * 2 ** max(0, num_feature_levels - 3))
+
+
 def _torch_export(wrapper: ExportableDetector, example: torch.Tensor) -> torch.export.ExportedProgram:
+    low = min_dynamic_side(wrapper.model.cfg.num_feature_levels)
+    if min(example.shape[-2:]) < low:
+        raise ConfigError(f"config key 'image_size' got {tuple(example.shape[-2:])}: format=export needs sides "
+                          f">= {low} for {wrapper.model.cfg.num_feature_levels} feature levels")
     dims = {0: torch.export.Dim("batch", min=1, max=1024),
-            2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
-            3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)}
+            2: torch.export.Dim("height", min=low, max=MAX_SIDE),
+            3: torch.export.Dim("width", min=low, max=MAX_SIDE)}
     return torch.export.export(wrapper, (example,), dynamic_shapes={"images": dims})
