@@ -1,4 +1,4 @@
-"""``oddetr train | eval | predict | weights``: parse, build, call the engine. Errors print one line."""
+"""``oddetr train | eval | predict | export | weights``: parse, build, call the engine. Errors print one line."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ commands:
             (writes results.json, per_class.json, pr_curve.png; default DIR: RUN/eval/<checkpoint name>)
   predict   draw and save detections: oddetr predict checkpoint=FILE images=DIR_OR_FILE output=DIR
             [annotations=COCO_JSON: write the dataset's image ids]
+  export    oddetr export checkpoint=FILE format=onnx|torchscript|export output=FILE [image_size=H,W]
   weights   inspect weights (oddetr, Hugging Face, Deformable-DETR, DINO): oddetr weights PATH
             [output=FILE: convert them to an oddetr checkpoint for eval / predict / model.init_weights]
   presets   list the built-in presets
@@ -36,6 +37,7 @@ examples:
 COMMAND_KEYS = {
     "eval": {"checkpoint", "weights", "output", "overwrite"},
     "predict": {"checkpoint", "weights", "images", "output", "score_threshold", "annotations"},
+    "export": {"checkpoint", "weights", "format", "output", "image_size"},
     "weights": {"output"},
 }
 
@@ -144,8 +146,7 @@ def _check_classes(dataset, loaded) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from oddetr.engine.inference import load_checkpoint_model
-    from oddetr.engine.predict import predict_images
+    from oddetr.api import Detector
 
     own, rest = _split_command_keys("predict", args.overrides)
     path = _require(own, "checkpoint", "predict")
@@ -155,10 +156,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         threshold = float(own.get("score_threshold", "0.3"))
     except ValueError:
         raise ConfigError(f"config key 'score_threshold' got {own['score_threshold']!r}, expected a number") from None
-    loaded = load_checkpoint_model(path, own.get("weights", "auto"), config_overrides=_eval_overrides(rest))
-    written = predict_images(loaded, images, output, threshold, own.get("annotations") or None)
+    detector = Detector.from_checkpoint(path, own.get("weights", "auto"), overrides=_eval_overrides(rest))
+    written = detector.predict_files(images, output, threshold, own.get("annotations") or None)
     print(f"wrote {len(written)} images and {Path(output) / 'detections.json'} "
-          f"({loaded.weights} weights)", file=sys.stderr)
+          f"({detector.weights} weights)", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import yaml
+
+    from oddetr.api import Detector
+
+    own, rest = _split_command_keys("export", args.overrides)
+    path = _require(own, "checkpoint", "export")
+    output = _require(own, "output", "export")
+    size = yaml.safe_load(own["image_size"]) if own.get("image_size") else None
+    detector = Detector.from_checkpoint(path, own.get("weights", "auto"), device="cpu",
+                                        overrides=_eval_overrides(rest))
+    written = detector.export(output, own.get("format", "onnx"), size)
+    print(f"wrote {written} ({own.get('format', 'onnx')}, {detector.weights} weights)", file=sys.stderr)
     return 0
 
 
@@ -190,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddetr", usage=USAGE, add_help=True)
     parser.add_argument("--version", action="version", version=f"oddetr {__version__}")
     sub = parser.add_subparsers(dest="command")
-    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("predict", cmd_predict), ("weights", cmd_weights),
-                       ("presets", cmd_presets)):
+    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("predict", cmd_predict), ("export", cmd_export),
+                       ("weights", cmd_weights), ("presets", cmd_presets)):
         p = sub.add_parser(name)
         p.add_argument("--config", default=None, help="YAML config file (may name a preset with 'base:')")
         if name == "train":

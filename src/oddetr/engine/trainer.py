@@ -23,6 +23,7 @@ from oddetr.engine.checkpoint import (
     seed_everything,
 )
 from oddetr.engine.data import build_dataset, check_same_categories, make_loader
+from oddetr.engine.device import resolve_device  # re-exported: older code imports it from here
 from oddetr.engine.evaluate import evaluate, move_batch, probe_assignment
 from oddetr.engine.init_weights import load_init_weights
 from oddetr.engine.optim import build_optimizer, build_scheduler
@@ -38,20 +39,6 @@ from oddetr.losses.criterion import SetCriterion
 from oddetr.models.detector import build_model
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"config key 'device' got {name!r}, expected auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda requested but CUDA is not available")
-    return device
 
 
 class Trainer:

@@ -222,4 +222,4 @@ def downsample_mask(mask: Tensor, size: tuple[int, int] | Sequence[int]) -> Tens
     Returns:
         (B, h, w) bool.
     """
-    return F.interpolate(mask[:, None].float(), size=tuple(int(s) for s in size), mode="nearest")[:, 0].bool()
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0].bool()

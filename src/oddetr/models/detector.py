@@ -154,7 +154,7 @@ class DeformableDETR(nn.Module):
             flat_src.append(src.flatten(2).transpose(1, 2))
             flat_pos.append(pos.flatten(2).transpose(1, 2))
             flat_mask.append(mask.flatten(1))
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=images.device)
+        spatial_shapes = [(h, w) for h, w in shapes]  # Python ints: no host sync, symbolic under torch.export
         valid_ratios = torch.stack([_valid_ratio(m) for m in level_masks], 1)
         src = torch.cat(flat_src, 1)
         pos = torch.cat(flat_pos, 1)
@@ -260,12 +260,12 @@ def encoder_output_proposals(memory: Memory) -> tuple[torch.Tensor, torch.Tensor
     mem, padding = memory.memory, memory.padding_mask
     bsz = mem.shape[0]
     proposals, start = [], 0
-    for lvl, (h, w) in enumerate(memory.spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(memory.spatial_shapes):
         mask = padding[:, start:start + h * w].view(bsz, h, w)
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
-        ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, device=mem.device),
-                                torch.linspace(0, w - 1, w, device=mem.device), indexing="ij")
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=mem.device),
+                                torch.arange(w, dtype=torch.float32, device=mem.device), indexing="ij")
         grid = torch.stack([xs, ys], -1)[None].expand(bsz, -1, -1, -1) + 0.5
         scale = torch.stack([valid_w, valid_h], -1).view(bsz, 1, 1, 2).float()
         grid = grid / scale

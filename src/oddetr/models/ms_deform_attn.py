@@ -30,11 +30,14 @@ __all__ = ["MSDeformAttn", "ms_deform_attn_reference", "multi_scale_deformable_a
 SpatialShapes = Tensor | Sequence[Sequence[int]]
 
 
-def _shapes_as_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
-    """(L, 2) tensor or sequence of ``(h, w)`` -> list of int pairs (one host sync for a GPU tensor)."""
+def shapes_as_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
+    """(L, 2) tensor or sequence of ``(h, w)`` -> list of int pairs (one host sync for a GPU tensor).
+
+    Pairs given as Python ints stay as they are (symbolic sizes under ``torch.export`` included).
+    """
     if isinstance(spatial_shapes, Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
 
 
 def _check_shapes(
@@ -85,7 +88,7 @@ def multi_scale_deformable_attention(
     Precision: half / bfloat16 inputs (e.g. under autocast) are computed in float32 with
     autocast disabled and the result is cast back to ``value.dtype``; float64 stays float64.
     """
-    shapes = _shapes_as_list(spatial_shapes)
+    shapes = shapes_as_list(spatial_shapes)
     _check_shapes(value, shapes, sampling_locations, attention_weights)
     out_dtype = value.dtype
     compute_dtype = (
@@ -133,7 +136,7 @@ def ms_deform_attn_reference(
     by hand from its 4 neighbouring pixel centres (zero outside the map). Differentiable
     w.r.t. all three float inputs. Very slow: for tests on tiny inputs only.
     """
-    shapes = _shapes_as_list(spatial_shapes)
+    shapes = shapes_as_list(spatial_shapes)
     _check_shapes(value, shapes, sampling_locations, attention_weights)
     b, _, n_heads, dh = value.shape
     _, q, _, n_levels, n_points, _ = sampling_locations.shape
@@ -235,7 +238,7 @@ class MSDeformAttn(nn.Module):
         """
         b, q, _ = query.shape
         s = value_input.shape[1]
-        shapes = _shapes_as_list(spatial_shapes)
+        shapes = shapes_as_list(spatial_shapes)
         if len(shapes) != self.n_levels:
             raise ValueError(f"expected {self.n_levels} levels in spatial_shapes, got {len(shapes)}")
         if reference_points.shape[:3] != (b, q, self.n_levels):

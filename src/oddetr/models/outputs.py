@@ -69,13 +69,13 @@ class Memory:
     """Encoder output.
 
     memory:        (B, S, d) flattened multi-scale features after the encoder
-    spatial_shapes:(L, 2) int64 (h, w) per level
+    spatial_shapes: L pairs of ints (h, w), one per level
     valid_ratios:  (B, L, 2) fraction of each level that is not padding, (x, y)
     padding_mask:  (B, S) bool, True on padding
     """
 
     memory: torch.Tensor
-    spatial_shapes: torch.Tensor
+    spatial_shapes: list[tuple[int, int]]
     valid_ratios: torch.Tensor
     padding_mask: torch.Tensor
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from oddetr.box_ops import inverse_sigmoid
-from oddetr.models.ms_deform_attn import MSDeformAttn
+from oddetr.models.ms_deform_attn import MSDeformAttn, SpatialShapes, shapes_as_list
 from oddetr.models.outputs import GroupOutput, Memory, QueryGroup
 
 
@@ -40,23 +40,24 @@ class EncoderLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout)
 
-    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference: torch.Tensor, spatial_shapes: torch.Tensor,
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference: torch.Tensor, spatial_shapes: SpatialShapes,
                 padding_mask: torch.Tensor) -> torch.Tensor:
         """src, pos: (B, S, d); reference: (B, S, L, 2) -> (B, S, d)."""
         attn = self.self_attn(src + pos, reference, src, spatial_shapes, padding_mask)
         return self.ffn(self.norm(src + self.dropout(attn)))
 
 
-def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+def encoder_reference_points(spatial_shapes: SpatialShapes, valid_ratios: torch.Tensor) -> torch.Tensor:
     """Pixel centres of every level, normalised by the valid area, seen from every level.
 
-    spatial_shapes: (L, 2); valid_ratios: (B, L, 2) -> (B, S, L, 2) normalised (x, y).
+    spatial_shapes: (L, 2) tensor or L pairs (h, w); valid_ratios: (B, L, 2) -> (B, S, L, 2) normalised (x, y).
     """
     points = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(shapes_as_list(spatial_shapes)):
+        # arange, not linspace: the same values, and sizes may stay symbolic under torch.export
         ys, xs = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+            torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+            torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
             indexing="ij",
         )
         y = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -71,7 +72,7 @@ class DeformableEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(**layer_kwargs) for _ in range(num_layers))
 
-    def forward(self, src: torch.Tensor, pos: torch.Tensor, spatial_shapes: torch.Tensor,
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, spatial_shapes: SpatialShapes,
                 valid_ratios: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """src, pos: (B, S, d) -> (B, S, d)."""
         reference = encoder_reference_points(spatial_shapes, valid_ratios)
