@@ -291,12 +291,16 @@ def print_epoch_summary(record: dict[str, Any], file=sys.stderr) -> None:
 
 
 def format_ap_table(record: dict[str, Any]) -> str:
-    """A fixed-width table of the COCO metrics of the student (and teacher) in ``record``."""
-    header = f"{'model':<8}" + "".join(f"{k:>8}" for k in METRIC_KEYS)
+    """A fixed-width table of the COCO metrics of the student (and teacher) in ``record``, with the last
+    epoch's matching instability (``IS``: fraction of probe GTs whose matched query changed; ``-`` before
+    the second evaluation) beside the AP."""
+    header = f"{'model':<8}" + "".join(f"{k:>8}" for k in METRIC_KEYS) + f"{'IS':>8}"
     rows = [header]
     for name in ("student", "teacher"):
         if f"{name}/AP" in record:
-            rows.append(f"{name:<8}" + "".join(f"{record[f'{name}/{k}']:>8.4f}" for k in METRIC_KEYS))
+            inst = record.get(f"{name}/instability")
+            rows.append(f"{name:<8}" + "".join(f"{record[f'{name}/{k}']:>8.4f}" for k in METRIC_KEYS)
+                        + (f"{inst:>8.4f}" if inst is not None else f"{'-':>8}"))
     return "\n".join(rows)
 
 
