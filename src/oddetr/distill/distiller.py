@@ -26,6 +26,7 @@ from oddetr.distill.two_stage import main_group_teacher_assignments, main_group_
 from oddetr.losses.criterion import SetCriterion, teacher_only_pairs, union_unmatched
 from oddetr.losses.matcher import Assignment
 from oddetr.models.outputs import DetectorOutput, GroupOutput, QueryGroup
+from oddetr.profiling import scope
 
 
 @dataclass
@@ -104,8 +105,9 @@ class OnlineDistiller:
 
     def _aux_groups(self, t_out: DetectorOutput, targets: Sequence[dict]) -> list[AuxGroup]:
         stages = self.aux_stages()
-        selections = [select_aux_queries(t_out.main.logits[s], t_out.main.boxes[s], targets, self.criterion.matcher,
-                                         self.cfg.aux_k) for s in stages]
+        with scope("aux_select"):
+            selections = [select_aux_queries(t_out.main.logits[s], t_out.main.boxes[s], targets, self.criterion.matcher,
+                                             self.cfg.aux_k) for s in stages]
         if self.cfg.aux_pooled:
             return [aux_group(t_out.main, t_out.initial, stages, selections, "aux", self.learned_positions)]
         return [aux_group(t_out.main, t_out.initial, [s], [sel], f"aux{s}", self.learned_positions)

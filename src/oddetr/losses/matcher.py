@@ -14,6 +14,7 @@ from scipy.optimize import linear_sum_assignment
 
 from oddetr.box_ops import cxcywh_to_xyxy, generalized_box_iou
 from oddetr.errors import TrainingError
+from oddetr.profiling import scope
 
 Assignment = list[tuple[torch.Tensor, torch.Tensor]]
 """Per image, (query indices, GT indices): two int64 tensors of equal length."""
@@ -60,8 +61,9 @@ class HungarianMatcher:
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
                  context: str = "") -> Assignment:
         """Hungarian assignment per image. Raises TrainingError on a non-finite cost matrix."""
-        costs = self.cost_matrices(logits, boxes, targets)
-        return [solve_assignment(c, targets[b].get("image_id"), context) for b, c in enumerate(costs)]
+        with scope("matching"):
+            costs = self.cost_matrices(logits, boxes, targets)
+            return [solve_assignment(c, targets[b].get("image_id"), context) for b, c in enumerate(costs)]
 
 
 def solve_assignment(cost: torch.Tensor, image_id: object = None, context: str = "") -> tuple[torch.Tensor, torch.Tensor]:

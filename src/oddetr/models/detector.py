@@ -43,6 +43,7 @@ from oddetr.models.outputs import (
 from oddetr.models.position_encoding import PositionEmbeddingSine, sine_embed
 from oddetr.models.query_init import anchor_queries, init_anchor_boxes, mixed_queries, select_proposals
 from oddetr.models.transformer import DeformableDecoder, DeformableEncoder
+from oddetr.profiling import scope
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -138,7 +139,13 @@ class DeformableDETR(nn.Module):
 
     def encode(self, images: torch.Tensor, masks: torch.Tensor) -> Memory:
         """images: (B, 3, H, W); masks: (B, H, W) True on padding -> encoder memory."""
-        feats = self.backbone(images)
+        with scope("backbone"):
+            feats = self.backbone(images)
+        with scope("encoder"):
+            return self._encode_features(feats, masks)
+
+    def _encode_features(self, feats: list[torch.Tensor], masks: torch.Tensor) -> Memory:
+        """Backbone features (per level (B, C_l, H_l, W_l)); masks: (B, H, W) -> encoder memory."""
         srcs, level_masks = [], []
         for lvl, proj in enumerate(self.input_proj):
             if lvl < len(feats):
@@ -199,7 +206,8 @@ class DeformableDETR(nn.Module):
     def decode(self, memory: Memory, groups: list[QueryGroup]) -> list[GroupOutput]:
         """Run the decoder on ``groups`` (main first); per-layer outputs per group."""
         n = self.cfg.dec_layers
-        return self.decoder(groups, memory, self.class_heads[:n], self.bbox_heads[:n], self._position_from_reference)
+        with scope("decoder"):
+            return self.decoder(groups, memory, self.class_heads[:n], self.bbox_heads[:n], self._position_from_reference)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor,
                 extra_groups: Sequence[QueryGroup] | Callable[[QueryGroup], Sequence[QueryGroup]] = (),
