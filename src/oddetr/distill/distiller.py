@@ -91,11 +91,15 @@ class OnlineDistiller:
         plan = DistillPlan(teacher=t_out)
         if self.uses_pd_group:
             plan.groups.append(prediction_group(t_out.initial))
+        # the teacher's matching and the AUX selection rank queries by the same costs: computed once
+        costs = None
+        if self.needs_teacher_matching or self.cfg.aux:
+            costs = self.criterion.matcher.batch_costs(t_out.main.logits, t_out.main.boxes, targets)
         if self.needs_teacher_matching:
             plan.teacher_assignments = self.criterion.match_layers(t_out.main.logits, t_out.main.boxes, targets,
-                                                                   context="teacher")
+                                                                   context="teacher", costs=costs)
         if self.cfg.aux:
-            plan.aux = self._aux_groups(t_out, targets)
+            plan.aux = self._aux_groups(t_out, targets, costs)
             plan.groups.extend(a.group for a in plan.aux)
         return plan
 
@@ -103,11 +107,12 @@ class OnlineDistiller:
         stages = self.cfg.aux_stages
         return list(range(self.model_cfg.dec_layers)) if stages is None else list(stages)
 
-    def _aux_groups(self, t_out: DetectorOutput, targets: Sequence[dict]) -> list[AuxGroup]:
+    def _aux_groups(self, t_out: DetectorOutput, targets: Sequence[dict], costs: torch.Tensor) -> list[AuxGroup]:
+        """costs: (L, B, Q, sum G) the teacher's matching costs of every decoder layer."""
         stages = self.aux_stages()
         with scope("aux_select"):
             selections = [select_aux_queries(t_out.main.logits[s], t_out.main.boxes[s], targets, self.criterion.matcher,
-                                             self.cfg.aux_k) for s in stages]
+                                             self.cfg.aux_k, costs[s]) for s in stages]
         if self.cfg.aux_pooled:
             return [aux_group(t_out.main, t_out.initial, stages, selections, "aux", self.learned_positions)]
         return [aux_group(t_out.main, t_out.initial, [s], [sel], f"aux{s}", self.learned_positions)
