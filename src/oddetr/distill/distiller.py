@@ -25,6 +25,7 @@ from oddetr.distill.losses import prediction_distillation_losses
 from oddetr.distill.two_stage import main_group_teacher_assignments, main_group_teacher_boxes
 from oddetr.losses.criterion import SetCriterion, teacher_only_pairs, union_unmatched
 from oddetr.losses.matcher import Assignment
+from oddetr.models.backbone import BackbonePrefix
 from oddetr.models.outputs import DetectorOutput, GroupOutput, QueryGroup
 from oddetr.profiling import scope
 
@@ -85,9 +86,14 @@ class OnlineDistiller:
     # ------------------------------------------------------------------ teacher pass
 
     @torch.no_grad()
-    def prepare(self, images: torch.Tensor, masks: torch.Tensor, targets: Sequence[dict]) -> DistillPlan:
-        """Run the teacher and build the student's extra groups for this batch."""
-        t_out = self.teacher.model(images, masks)
+    def prepare(self, images: torch.Tensor, masks: torch.Tensor, targets: Sequence[dict],
+                backbone_prefix: BackbonePrefix | None = None) -> DistillPlan:
+        """Run the teacher and build the student's extra groups for this batch.
+
+        backbone_prefix: the student's frozen first backbone blocks run on ``images``: the teacher's
+        copies of them are the same function (an EMA of constants), so it goes on from there.
+        """
+        t_out = self.teacher.model(images, masks, backbone_prefix=backbone_prefix)
         plan = DistillPlan(teacher=t_out)
         if self.uses_pd_group:
             plan.groups.append(prediction_group(t_out.initial))

@@ -17,6 +17,7 @@ from oddetr.engine.evaluate import autocast_context
 from oddetr.errors import TrainingError
 from oddetr.losses.criterion import SetCriterion, summarize_losses
 from oddetr.losses.detection import detection_losses, main_group_copies
+from oddetr.models.backbone import Backbone, BackbonePrefix
 from oddetr.profiling import scope
 
 
@@ -29,8 +30,10 @@ def compute_losses(model: nn.Module, criterion: SetCriterion, distiller: OnlineD
     ``boxes`` (G, 4) cxcywh. Raises TrainingError on a non-finite matching cost.
     """
     with autocast_context(images.device, amp):
+        # the backbone's frozen first blocks give the teacher and the student the same maps: run them once
+        prefix = shared_backbone_prefix(model, images) if distiller is not None else None
         with scope("teacher"):
-            plan = distiller.prepare(images, masks, targets) if distiller is not None else None
+            plan = distiller.prepare(images, masks, targets, prefix) if distiller is not None else None
         groups = plan.groups if plan is not None else []
         if criterion.cfg.extra_groups:  # the student's own queries, copied after it makes them
             copies = main_group_copies(criterion.cfg.extra_groups)
@@ -38,7 +41,8 @@ def compute_losses(model: nn.Module, criterion: SetCriterion, distiller: OnlineD
             groups = lambda initial: [*teacher_groups, *copies(initial)]  # noqa: E731
         # targets: the student builds its denoising groups from them (DINO; training only)
         with scope("student"):
-            out = model(images, masks, extra_groups=groups, targets=targets)
+            kwargs = {} if prefix is None else {"backbone_prefix": prefix}
+            out = model(images, masks, extra_groups=groups, targets=targets, **kwargs)
     with scope("losses"):
         losses, assignments = detection_losses(criterion, out, targets, num_boxes, context)
     weights: dict[str, float] = {}
@@ -47,6 +51,16 @@ def compute_losses(model: nn.Module, criterion: SetCriterion, distiller: OnlineD
             losses.update(distiller.losses(out, targets, num_boxes, plan, assignments))
         weights = distiller.group_weights()
     return losses, criterion.total(losses, weights)
+
+
+def shared_backbone_prefix(model: nn.Module, images: torch.Tensor) -> BackbonePrefix | None:
+    """The student backbone's frozen first blocks run on images (B, 3, H, W), or None (none frozen,
+    or a model without a :class:`~oddetr.models.backbone.Backbone`)."""
+    backbone = getattr(model.module if hasattr(model, "module") else model, "backbone", None)
+    if not isinstance(backbone, Backbone):
+        return None
+    with scope("shared_backbone"):
+        return backbone.frozen_prefix(images)
 
 
 @dataclass

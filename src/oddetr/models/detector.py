@@ -28,7 +28,7 @@ from torch import nn
 from oddetr.box_ops import inverse_sigmoid
 from oddetr.config import ModelConfig
 from oddetr.errors import ConfigError
-from oddetr.models.backbone import Backbone, downsample_mask
+from oddetr.models.backbone import Backbone, BackbonePrefix, downsample_mask
 from oddetr.models.denoising import build_denoising_groups
 from oddetr.models.heads import MLP, make_box_head, make_class_head, repeat_head
 from oddetr.models.ms_deform_attn import MSDeformAttn
@@ -137,10 +137,13 @@ class DeformableDETR(nn.Module):
 
     # ------------------------------------------------------------------ protocol
 
-    def encode(self, images: torch.Tensor, masks: torch.Tensor) -> Memory:
-        """images: (B, 3, H, W); masks: (B, H, W) True on padding -> encoder memory."""
+    def encode(self, images: torch.Tensor, masks: torch.Tensor, backbone_prefix: BackbonePrefix | None = None) -> Memory:
+        """images: (B, 3, H, W); masks: (B, H, W) True on padding -> encoder memory.
+
+        backbone_prefix: the backbone's frozen first blocks already run on ``images`` (shared with a teacher).
+        """
         with scope("backbone"):
-            feats = self.backbone(images)
+            feats = self.backbone(images, backbone_prefix)
         with scope("encoder"):
             return self._encode_features(feats, masks)
 
@@ -211,13 +214,13 @@ class DeformableDETR(nn.Module):
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor,
                 extra_groups: Sequence[QueryGroup] | Callable[[QueryGroup], Sequence[QueryGroup]] = (),
-                targets: list[dict] | None = None) -> DetectorOutput:
+                targets: list[dict] | None = None, backbone_prefix: BackbonePrefix | None = None) -> DetectorOutput:
         """images: (B, 3, H, W); masks: (B, H, W) True on padding; extra_groups: decoded with the
         main group (each sees only itself), or a function of this pass's main initial queries that
         returns them (groups derived from the student's own queries); targets: per image ``labels``,
         ``boxes`` cxcywh, used for denoising groups when training with ``model.dn_queries > 0``
-        (never in eval mode)."""
-        memory = self.encode(images, masks)
+        (never in eval mode); backbone_prefix: see :meth:`encode`."""
+        memory = self.encode(images, masks, backbone_prefix)
         initial, proposals = self.initial_queries(memory)
         if callable(extra_groups):
             extra_groups = extra_groups(initial)
