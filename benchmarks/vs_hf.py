@@ -1,6 +1,6 @@
 """oddetr vs Hugging Face transformers' Deformable-DETR: training step and inference, side by side.
 
-    pip install 'transformers>=5'                      # optional; nothing is downloaded
+    pip install 'oddetr[hf]'                           # transformers, optional; nothing is downloaded
     OMP_NUM_THREADS=1 python benchmarks/vs_hf.py --configs tiny
     python benchmarks/vs_hf.py                         # tiny and r50
 
