@@ -167,3 +167,29 @@ def test_infinite_logits_still_match():
     cost = HungarianMatcher().cost_matrices(logits, boxes, targets)[0]
     assert torch.isfinite(cost).all()
     assert HungarianMatcher()(logits, boxes, targets)[0][0].tolist() == [0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_layers_equal_single_image_matching(seed):
+    """All layers and images matched in one call (one cost tensor, one host copy) give each image the
+    assignment and (to float32 rounding) the cost block it gets alone, itself checked against brute force
+    above; empty GT sets included."""
+    gen = torch.Generator().manual_seed(seed)
+    layers, q, num_classes, counts = 3, 7, 4, [0, 3, 1, 5]
+    logits = torch.randn(layers, len(counts), q, num_classes, generator=gen) * 2
+    boxes = torch.stack([torch.stack([_random_boxes(gen, q) for _ in counts]) for _ in range(layers)])
+    targets = [{"labels": torch.randint(0, num_classes, (g,), generator=gen), "boxes": _random_boxes(gen, g)}
+               for g in counts]
+    matcher = HungarianMatcher()
+    costs = matcher.batch_costs(logits, boxes, targets)
+    assert costs.shape == (layers, len(counts), q, sum(counts))
+    batched = matcher.match_layers(logits, boxes, targets, [f"layer {i}" for i in range(layers)], costs)
+    for layer in range(layers):
+        blocks = matcher.cost_matrices(logits[layer], boxes[layer], targets)
+        for b, t in enumerate(targets):
+            alone_cost = matcher.cost_matrices(logits[layer, b:b + 1], boxes[layer, b:b + 1], [t])[0]
+            # the same formula on a larger tensor: equal up to float32 rounding (vectorised vs tail loops)
+            torch.testing.assert_close(blocks[b], alone_cost, rtol=1e-6, atol=1e-6)
+            alone = matcher(logits[layer, b:b + 1], boxes[layer, b:b + 1], [t])[0]
+            assert batched[layer][b][0].tolist() == alone[0].tolist()
+            assert batched[layer][b][1].tolist() == alone[1].tolist()

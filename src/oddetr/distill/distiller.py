@@ -25,7 +25,9 @@ from oddetr.distill.losses import prediction_distillation_losses
 from oddetr.distill.two_stage import main_group_teacher_assignments, main_group_teacher_boxes
 from oddetr.losses.criterion import SetCriterion, teacher_only_pairs, union_unmatched
 from oddetr.losses.matcher import Assignment
+from oddetr.models.backbone import BackbonePrefix
 from oddetr.models.outputs import DetectorOutput, GroupOutput, QueryGroup
+from oddetr.profiling import scope
 
 
 @dataclass
@@ -84,17 +86,26 @@ class OnlineDistiller:
     # ------------------------------------------------------------------ teacher pass
 
     @torch.no_grad()
-    def prepare(self, images: torch.Tensor, masks: torch.Tensor, targets: Sequence[dict]) -> DistillPlan:
-        """Run the teacher and build the student's extra groups for this batch."""
-        t_out = self.teacher.model(images, masks)
+    def prepare(self, images: torch.Tensor, masks: torch.Tensor, targets: Sequence[dict],
+                backbone_prefix: BackbonePrefix | None = None) -> DistillPlan:
+        """Run the teacher and build the student's extra groups for this batch.
+
+        backbone_prefix: the student's frozen first backbone blocks run on ``images``: the teacher's
+        copies of them are the same function (an EMA of constants), so it goes on from there.
+        """
+        t_out = self.teacher.model(images, masks, backbone_prefix=backbone_prefix)
         plan = DistillPlan(teacher=t_out)
         if self.uses_pd_group:
             plan.groups.append(prediction_group(t_out.initial))
+        # the teacher's matching and the AUX selection rank queries by the same costs: computed once
+        costs = None
+        if self.needs_teacher_matching or self.cfg.aux:
+            costs = self.criterion.matcher.batch_costs(t_out.main.logits, t_out.main.boxes, targets)
         if self.needs_teacher_matching:
             plan.teacher_assignments = self.criterion.match_layers(t_out.main.logits, t_out.main.boxes, targets,
-                                                                   context="teacher")
+                                                                   context="teacher", costs=costs)
         if self.cfg.aux:
-            plan.aux = self._aux_groups(t_out, targets)
+            plan.aux = self._aux_groups(t_out, targets, costs)
             plan.groups.extend(a.group for a in plan.aux)
         return plan
 
@@ -102,10 +113,12 @@ class OnlineDistiller:
         stages = self.cfg.aux_stages
         return list(range(self.model_cfg.dec_layers)) if stages is None else list(stages)
 
-    def _aux_groups(self, t_out: DetectorOutput, targets: Sequence[dict]) -> list[AuxGroup]:
+    def _aux_groups(self, t_out: DetectorOutput, targets: Sequence[dict], costs: torch.Tensor) -> list[AuxGroup]:
+        """costs: (L, B, Q, sum G) the teacher's matching costs of every decoder layer."""
         stages = self.aux_stages()
-        selections = [select_aux_queries(t_out.main.logits[s], t_out.main.boxes[s], targets, self.criterion.matcher,
-                                         self.cfg.aux_k) for s in stages]
+        with scope("aux_select"):
+            selections = [select_aux_queries(t_out.main.logits[s], t_out.main.boxes[s], targets, self.criterion.matcher,
+                                             self.cfg.aux_k, costs[s]) for s in stages]
         if self.cfg.aux_pooled:
             return [aux_group(t_out.main, t_out.initial, stages, selections, "aux", self.learned_positions)]
         return [aux_group(t_out.main, t_out.initial, [s], [sel], f"aux{s}", self.learned_positions)

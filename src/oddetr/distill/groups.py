@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from oddetr.losses.matcher import Assignment, HungarianMatcher, topk_lowest_cost
+from oddetr.losses.matcher import Assignment, HungarianMatcher, per_image_costs, topk_lowest_cost
 from oddetr.models.outputs import GroupOutput, QueryGroup
 
 
@@ -33,12 +33,15 @@ class AuxGroup:
 
 
 def select_aux_queries(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
-                       matcher: HungarianMatcher, k: int) -> list[torch.Tensor]:
+                       matcher: HungarianMatcher, k: int, costs: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per image, the k lowest-cost teacher queries for every GT at one stage.
 
     logits: (B, Q, C); boxes: (B, Q, 4) -> per image a (G, k) int64 tensor of query indices.
+    ``costs``: the stage's (B, Q, sum G) :meth:`HungarianMatcher.batch_costs`, if already computed.
     """
-    costs = matcher.cost_matrices(logits, boxes, targets)
+    if costs is None:
+        costs = matcher.batch_costs(logits, boxes, targets)
+    costs = per_image_costs(costs, targets)
     return [topk_lowest_cost(c, k) if c.shape[1] else torch.zeros(0, min(k, c.shape[0]), dtype=torch.long)
             for c in costs]
 

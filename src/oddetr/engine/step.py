@@ -17,6 +17,8 @@ from oddetr.engine.evaluate import autocast_context
 from oddetr.errors import TrainingError
 from oddetr.losses.criterion import SetCriterion, summarize_losses
 from oddetr.losses.detection import detection_losses, main_group_copies
+from oddetr.models.backbone import Backbone, BackbonePrefix
+from oddetr.profiling import scope
 
 
 def compute_losses(model: nn.Module, criterion: SetCriterion, distiller: OnlineDistiller | None,
@@ -28,20 +30,37 @@ def compute_losses(model: nn.Module, criterion: SetCriterion, distiller: OnlineD
     ``boxes`` (G, 4) cxcywh. Raises TrainingError on a non-finite matching cost.
     """
     with autocast_context(images.device, amp):
-        plan = distiller.prepare(images, masks, targets) if distiller is not None else None
+        # the backbone's frozen first blocks give the teacher and the student the same maps: run them once
+        prefix = shared_backbone_prefix(model, images) if distiller is not None else None
+        with scope("teacher"):
+            plan = distiller.prepare(images, masks, targets, prefix) if distiller is not None else None
         groups = plan.groups if plan is not None else []
         if criterion.cfg.extra_groups:  # the student's own queries, copied after it makes them
             copies = main_group_copies(criterion.cfg.extra_groups)
             teacher_groups = groups
             groups = lambda initial: [*teacher_groups, *copies(initial)]  # noqa: E731
         # targets: the student builds its denoising groups from them (DINO; training only)
-        out = model(images, masks, extra_groups=groups, targets=targets)
-    losses, assignments = detection_losses(criterion, out, targets, num_boxes, context)
+        with scope("student"):
+            kwargs = {} if prefix is None else {"backbone_prefix": prefix}
+            out = model(images, masks, extra_groups=groups, targets=targets, **kwargs)
+    with scope("losses"):
+        losses, assignments = detection_losses(criterion, out, targets, num_boxes, context)
     weights: dict[str, float] = {}
     if plan is not None:
-        losses.update(distiller.losses(out, targets, num_boxes, plan, assignments))
+        with scope("distill_losses"):
+            losses.update(distiller.losses(out, targets, num_boxes, plan, assignments))
         weights = distiller.group_weights()
     return losses, criterion.total(losses, weights)
+
+
+def shared_backbone_prefix(model: nn.Module, images: torch.Tensor) -> BackbonePrefix | None:
+    """The student backbone's frozen first blocks run on images (B, 3, H, W), or None (none frozen,
+    or a model without a :class:`~oddetr.models.backbone.Backbone`)."""
+    backbone = getattr(model.module if hasattr(model, "module") else model, "backbone", None)
+    if not isinstance(backbone, Backbone):
+        return None
+    with scope("shared_backbone"):
+        return backbone.frozen_prefix(images)
 
 
 @dataclass
@@ -78,7 +97,8 @@ class GuardedStep:
         with nullcontext() if sync else self.ddp.no_sync():  # DDP: forward and backward inside no_sync
             total, losses = self._forward(images, masks, targets, context)
             if total is not None:
-                state.scaler.scale(total / self.cfg.grad_accum).backward()
+                with scope("backward"):
+                    state.scaler.scale(total / self.cfg.grad_accum).backward()
         finite = total is not None and (not window_end or self._optimizer_step(context))
         if not finite:
             state.optimizer.zero_grad(set_to_none=True)
@@ -108,6 +128,10 @@ class GuardedStep:
 
     def _optimizer_step(self, context: str) -> bool:
         """Clip, step, schedule, EMA. False (and nothing changes) if the gradient norm is not finite."""
+        with scope("optimizer"):  # the EMA step (``ema``) nests inside
+            return self._clip_and_step(context)
+
+    def _clip_and_step(self, context: str) -> bool:
         state = self.state
         state.scaler.unscale_(state.optimizer)
         params = [p for g in state.optimizer.param_groups for p in g["params"]]
@@ -125,5 +149,6 @@ class GuardedStep:
         state.scheduler.step()
         state.step += 1
         if state.distiller is not None:
-            state.distiller.update(state.model)
+            with scope("ema"):
+                state.distiller.update(state.model)
         return True

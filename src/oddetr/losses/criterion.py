@@ -160,10 +160,13 @@ class SetCriterion:
         self.term_weights = {"cls": cfg.cls_weight, "l1": cfg.l1_weight, "giou": cfg.giou_weight}
 
     def match_layers(self, logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
-                     context: str = "") -> list[Assignment]:
-        """logits: (L, B, Q, C); boxes: (L, B, Q, 4) -> one Hungarian assignment per layer."""
-        return [self.matcher(logits[i], boxes[i], targets, context=f"{context} decoder layer {i}".strip())
-                for i in range(logits.shape[0])]
+                     context: str = "", costs: torch.Tensor | None = None) -> list[Assignment]:
+        """logits: (L, B, Q, C); boxes: (L, B, Q, 4) -> one Hungarian assignment per layer.
+
+        ``costs``: their (L, B, Q, sum G) :meth:`HungarianMatcher.batch_costs`, if the caller has them.
+        """
+        contexts = [f"{context} decoder layer {i}".strip() for i in range(logits.shape[0])]
+        return self.matcher.match_layers(logits, boxes, targets, contexts, costs)
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """Which decoder layers get a loss: all of them, or only the last."""

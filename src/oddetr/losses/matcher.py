@@ -1,7 +1,8 @@
 """Hungarian matching between predictions and ground truth, with DETR's costs.
 
 cost = cost_class * focal_class_cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU)
-Solved per image with :func:`scipy.optimize.linear_sum_assignment`.
+Costs are computed for all layers and images of a call at once and reach the host in one copy;
+each image's block is solved with :func:`scipy.optimize.linear_sum_assignment`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 
 from oddetr.box_ops import cxcywh_to_xyxy, generalized_box_iou
 from oddetr.errors import TrainingError
+from oddetr.profiling import scope
 
 Assignment = list[tuple[torch.Tensor, torch.Tensor]]
 """Per image, (query indices, GT indices): two int64 tensors of equal length."""
@@ -40,36 +42,77 @@ class HungarianMatcher:
         self.focal_gamma = focal_gamma
 
     @torch.no_grad()
+    def batch_costs(self, logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict]) -> torch.Tensor:
+        """Every query against every GT of the batch, in one go.
+
+        logits: (..., B, Q, C); boxes: (..., B, Q, 4) cxcywh -> (..., B, Q, sum_b G_b) float32; image b's
+        own cost is the column block :func:`gt_offsets` gives (the other blocks are never used).
+        """
+        labels = torch.cat([t["labels"] for t in targets]) if targets else logits.new_zeros(0, dtype=torch.long)
+        lead = logits.shape[:-1]
+        if len(labels) == 0:
+            return logits.new_zeros((*lead, 0), dtype=torch.float32)
+        gt = torch.cat([t["boxes"] for t in targets]).float()
+        pred = boxes.reshape(-1, 4).float()
+        c_cls = focal_class_cost(logits.reshape(-1, logits.shape[-1]), labels, self.focal_alpha, self.focal_gamma)
+        c_l1 = torch.cdist(pred, gt, p=1)
+        c_giou = -generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt))
+        cost = self.cost_class * c_cls + self.cost_bbox * c_l1 + self.cost_giou * c_giou
+        return cost.view(*lead, len(labels))
+
+    @torch.no_grad()
     def cost_matrices(self, logits: torch.Tensor, boxes: torch.Tensor,
                       targets: Sequence[dict]) -> list[torch.Tensor]:
         """logits: (B, Q, C); boxes: (B, Q, 4) cxcywh -> per image a (Q, G_b) float32 cost."""
-        costs = []
-        for b, tgt in enumerate(targets):
-            labels, gt = tgt["labels"], tgt["boxes"].float()
-            if len(labels) == 0:
-                costs.append(logits.new_zeros((logits.shape[1], 0), dtype=torch.float32))
-                continue
-            pred = boxes[b].float()
-            c_cls = focal_class_cost(logits[b], labels, self.focal_alpha, self.focal_gamma)
-            c_l1 = torch.cdist(pred, gt, p=1)
-            c_giou = -generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt))
-            costs.append(self.cost_class * c_cls + self.cost_bbox * c_l1 + self.cost_giou * c_giou)
-        return costs
+        return per_image_costs(self.batch_costs(logits, boxes, targets), targets)
+
+    @torch.no_grad()
+    def match_layers(self, logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
+                     contexts: Sequence[str], costs: torch.Tensor | None = None) -> list[Assignment]:
+        """One assignment per layer. logits: (L, B, Q, C); boxes: (L, B, Q, 4); ``contexts[l]`` names layer l
+        in errors; ``costs``: their :meth:`batch_costs`, if already computed.
+
+        The costs of all layers and images reach the host in one transfer; scipy then solves each
+        image's block. Raises TrainingError on a non-finite cost.
+        """
+        with scope("matching"):
+            if costs is None:
+                costs = self.batch_costs(logits, boxes, targets)
+            host = costs.detach().cpu().numpy()  # the one device -> host copy (and sync) of the call
+            offsets = gt_offsets(targets)
+            return [[_solve(host[layer, b, :, offsets[b]:offsets[b + 1]], targets[b].get("image_id"), contexts[layer])
+                     for b in range(len(targets))] for layer in range(host.shape[0])]
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
                  context: str = "") -> Assignment:
         """Hungarian assignment per image. Raises TrainingError on a non-finite cost matrix."""
-        costs = self.cost_matrices(logits, boxes, targets)
-        return [solve_assignment(c, targets[b].get("image_id"), context) for b, c in enumerate(costs)]
+        return self.match_layers(logits[None], boxes[None], targets, [context])[0]
+
+
+def gt_offsets(targets: Sequence[dict]) -> list[int]:
+    """Column offsets of each image's GTs in :meth:`HungarianMatcher.batch_costs`: B + 1 ints."""
+    offsets = [0]
+    for t in targets:
+        offsets.append(offsets[-1] + len(t["labels"]))
+    return offsets
+
+
+def per_image_costs(costs: torch.Tensor, targets: Sequence[dict]) -> list[torch.Tensor]:
+    """(B, Q, sum G) batch costs -> per image its own (Q, G_b) block."""
+    offsets = gt_offsets(targets)
+    return [costs[b, :, offsets[b]:offsets[b + 1]] for b in range(len(targets))]
 
 
 def solve_assignment(cost: torch.Tensor, image_id: object = None, context: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum-cost one-to-one assignment of a (Q, G) cost -> (query idx, gt idx), sorted by query."""
-    if cost.numel() == 0:
+    return _solve(cost.detach().cpu().numpy(), image_id, context)
+
+
+def _solve(matrix: np.ndarray, image_id: object, context: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if matrix.size == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, empty.clone()
-    matrix = cost.detach().cpu().numpy()
     if not np.isfinite(matrix).all():
         n_nan, n_inf = int(np.isnan(matrix).sum()), int(np.isinf(matrix).sum())
         where = f" at {context}" if context else ""

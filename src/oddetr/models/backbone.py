@@ -14,6 +14,7 @@ and freezes the others (``requires_grad=False``). For ResNets this is torchvisio
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from oddetr.errors import CheckpointError, ConfigError
 
-__all__ = ["BACKBONE_NAMES", "Backbone", "downsample_mask", "load_torchvision_weights"]
+__all__ = ["BACKBONE_NAMES", "Backbone", "BackbonePrefix", "downsample_mask", "load_torchvision_weights"]
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 MOBILENETS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
@@ -107,6 +108,15 @@ def load_torchvision_weights(model: nn.Module, path: str | Path, name: str) -> N
     model.load_state_dict(state, strict=False)
 
 
+@dataclass(frozen=True)
+class BackbonePrefix:
+    """The first ``blocks`` blocks' output ``x`` (B, C, h, w) and the returned maps among them."""
+
+    blocks: int
+    x: Tensor
+    outs: tuple[Tensor, ...] = ()
+
+
 class Backbone(nn.Module):
     """A torchvision CNN returning the last block output at each requested stride.
 
@@ -183,15 +193,46 @@ class Backbone(nn.Module):
             for p in block.parameters():
                 p.requires_grad_(train)
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        """images: (B, 3, H, W) normalised -> one (B, C_l, ~H/s_l, ~W/s_l) map per stride ``s_l``."""
-        outs: list[Tensor] = []
-        x = images
-        for name, block in self.body.items():
+    def forward(self, images: Tensor, prefix: BackbonePrefix | None = None) -> list[Tensor]:
+        """images: (B, 3, H, W) normalised -> one (B, C_l, ~H/s_l, ~W/s_l) map per stride ``s_l``.
+
+        ``prefix``: the output of the first blocks for these images (:meth:`frozen_prefix`), to go on from.
+        """
+        outs: list[Tensor] = [] if prefix is None else list(prefix.outs)
+        x = images if prefix is None else prefix.x
+        start = 0 if prefix is None else prefix.blocks
+        for i, (name, block) in enumerate(self.body.items()):
+            if i < start:
+                continue
             x = block(x)
             if name in self._return_names:
                 outs.append(x)
         return outs
+
+    def frozen_blocks(self) -> int:
+        """How many leading blocks compute a fixed function: no trainable parameter and no batch
+        statistics (``BatchNorm2d``, which differs between train and eval mode). A frozen EMA teacher
+        and its student compute the same output there (the EMA of a constant is that constant)."""
+        n = 0
+        for block in self.body.values():
+            if any(p.requires_grad for p in block.parameters()) or \
+                    any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules()):
+                break
+            n += 1
+        return n
+
+    @torch.no_grad()
+    def frozen_prefix(self, images: Tensor) -> BackbonePrefix | None:
+        """The output of the :meth:`frozen_blocks` for images (B, 3, H, W); None if there are none."""
+        n = self.frozen_blocks()
+        if n == 0:
+            return None
+        x, outs = images, []
+        for name, block in list(self.body.items())[:n]:
+            x = block(x)
+            if name in self._return_names:
+                outs.append(x)
+        return BackbonePrefix(n, x, tuple(outs))
 
 
 @torch.no_grad()

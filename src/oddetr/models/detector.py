@@ -28,7 +28,7 @@ from torch import nn
 from oddetr.box_ops import inverse_sigmoid
 from oddetr.config import ModelConfig
 from oddetr.errors import ConfigError
-from oddetr.models.backbone import Backbone, downsample_mask
+from oddetr.models.backbone import Backbone, BackbonePrefix, downsample_mask
 from oddetr.models.denoising import build_denoising_groups
 from oddetr.models.heads import MLP, make_box_head, make_class_head, repeat_head
 from oddetr.models.ms_deform_attn import MSDeformAttn
@@ -43,6 +43,7 @@ from oddetr.models.outputs import (
 from oddetr.models.position_encoding import PositionEmbeddingSine, sine_embed
 from oddetr.models.query_init import anchor_queries, init_anchor_boxes, mixed_queries, select_proposals
 from oddetr.models.transformer import DeformableDecoder, DeformableEncoder
+from oddetr.profiling import scope
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -136,9 +137,18 @@ class DeformableDETR(nn.Module):
 
     # ------------------------------------------------------------------ protocol
 
-    def encode(self, images: torch.Tensor, masks: torch.Tensor) -> Memory:
-        """images: (B, 3, H, W); masks: (B, H, W) True on padding -> encoder memory."""
-        feats = self.backbone(images)
+    def encode(self, images: torch.Tensor, masks: torch.Tensor, backbone_prefix: BackbonePrefix | None = None) -> Memory:
+        """images: (B, 3, H, W); masks: (B, H, W) True on padding -> encoder memory.
+
+        backbone_prefix: the backbone's frozen first blocks already run on ``images`` (shared with a teacher).
+        """
+        with scope("backbone"):
+            feats = self.backbone(images, backbone_prefix)
+        with scope("encoder"):
+            return self._encode_features(feats, masks)
+
+    def _encode_features(self, feats: list[torch.Tensor], masks: torch.Tensor) -> Memory:
+        """Backbone features (per level (B, C_l, H_l, W_l)); masks: (B, H, W) -> encoder memory."""
         srcs, level_masks = [], []
         for lvl, proj in enumerate(self.input_proj):
             if lvl < len(feats):
@@ -199,17 +209,18 @@ class DeformableDETR(nn.Module):
     def decode(self, memory: Memory, groups: list[QueryGroup]) -> list[GroupOutput]:
         """Run the decoder on ``groups`` (main first); per-layer outputs per group."""
         n = self.cfg.dec_layers
-        return self.decoder(groups, memory, self.class_heads[:n], self.bbox_heads[:n], self._position_from_reference)
+        with scope("decoder"):
+            return self.decoder(groups, memory, self.class_heads[:n], self.bbox_heads[:n], self._position_from_reference)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor,
                 extra_groups: Sequence[QueryGroup] | Callable[[QueryGroup], Sequence[QueryGroup]] = (),
-                targets: list[dict] | None = None) -> DetectorOutput:
+                targets: list[dict] | None = None, backbone_prefix: BackbonePrefix | None = None) -> DetectorOutput:
         """images: (B, 3, H, W); masks: (B, H, W) True on padding; extra_groups: decoded with the
         main group (each sees only itself), or a function of this pass's main initial queries that
         returns them (groups derived from the student's own queries); targets: per image ``labels``,
         ``boxes`` cxcywh, used for denoising groups when training with ``model.dn_queries > 0``
-        (never in eval mode)."""
-        memory = self.encode(images, masks)
+        (never in eval mode); backbone_prefix: see :meth:`encode`."""
+        memory = self.encode(images, masks, backbone_prefix)
         initial, proposals = self.initial_queries(memory)
         if callable(extra_groups):
             extra_groups = extra_groups(initial)

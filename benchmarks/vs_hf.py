@@ -1,0 +1,221 @@
+"""oddetr vs Hugging Face transformers' Deformable-DETR: training step and inference, side by side.
+
+    pip install 'oddetr[hf]'                           # transformers, optional; nothing is downloaded
+    OMP_NUM_THREADS=1 python benchmarks/vs_hf.py --configs tiny
+    python benchmarks/vs_hf.py                         # tiny and r50
+
+Configs (the same in both libraries, random init, ResNet backbone frozen, 4 feature levels, box
+refinement, per-layer auxiliary losses, AdamW, gradient clipping 0.1, dropout 0):
+
+- ``tiny``: ResNet-18, d=128, 8 heads, FFN 1024, 3 + 3 layers, 100 queries, batch 4 at 256 px
+- ``r50``:  ResNet-50, d=256, 8 heads, FFN 1024, 6 + 6 layers, 300 queries, batch 2 at 512 px
+
+A train step is forward, Hungarian matching, losses, backward, clip and optimiser step (OD-DETR
+adds its teacher pass, extra groups and EMA update: oddetr's own :class:`GuardedStep`). Inference is
+an eval-mode forward pass under ``torch.inference_mode`` (no post-processing). The three models of a
+config (HF, oddetr baseline, oddetr OD-DETR) are timed in ONE process with their steps interleaved,
+median over ``--steps``, so machine load hits them alike; peak memory is each case's peak RSS (CPU)
+in its own short subprocess (build, one warm-up step, one step). HF's backbone is its own
+``ResNetConfig`` model (``use_timm_backbone=False``, ``use_pretrained_backbone=False``): no hub, no timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+CONFIGS = {
+    "tiny": dict(backbone="resnet18", d_model=128, layers=3, queries=100, batch=4, size=256),
+    "r50": dict(backbone="resnet50", d_model=256, layers=6, queries=300, batch=2, size=512),
+}
+NUM_CLASSES = 80
+BOXES = 10
+HEADS, FFN, LEVELS, POINTS = 8, 1024, 4, 4
+
+
+def random_batch(batch: int, size: int, seed: int = 0):
+    """images (B, 3, S, S), masks (B, S, S) True on padding, targets (labels (G,), boxes (G, 4) cxcywh)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=g)
+    masks = torch.zeros(batch, size, size, dtype=torch.bool)
+    targets = []
+    for i in range(batch):
+        xy = torch.rand(BOXES, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(BOXES, 2, generator=g) * 0.2 + 0.05
+        targets.append({"labels": torch.randint(0, NUM_CLASSES, (BOXES,), generator=g),
+                         "boxes": torch.cat([xy, wh], 1), "image_id": i})
+    return images, masks, targets
+
+
+class HFCase:
+    """transformers' DeformableDetrForObjectDetection with its own loss, AdamW and clipping."""
+
+    def __init__(self, c: dict) -> None:
+        import transformers
+
+        r18 = c["backbone"] == "resnet18"
+        backbone = transformers.ResNetConfig(
+            layer_type="basic" if r18 else "bottleneck", depths=[2, 2, 2, 2] if r18 else [3, 4, 6, 3],
+            hidden_sizes=[64, 128, 256, 512] if r18 else [256, 512, 1024, 2048],
+            out_features=["stage2", "stage3", "stage4"])
+        config = transformers.DeformableDetrConfig(
+            use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+            d_model=c["d_model"], encoder_layers=c["layers"], decoder_layers=c["layers"],
+            encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
+            encoder_n_points=POINTS, decoder_n_points=POINTS, num_feature_levels=LEVELS,
+            num_queries=c["queries"], with_box_refine=True, two_stage=False, auxiliary_loss=True,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, num_labels=NUM_CLASSES)
+        torch.manual_seed(0)
+        self.model = transformers.DeformableDetrForObjectDetection(config).train()
+        for p in self.model.model.backbone.parameters():
+            p.requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=2e-4, weight_decay=1e-4)
+
+    def train_step(self, images, masks, targets) -> None:
+        labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        out = self.model(pixel_values=images, pixel_mask=(~masks).long(), labels=labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 0.1)
+        self.optimizer.step()
+
+    def infer(self, images, masks) -> None:
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(pixel_values=images, pixel_mask=(~masks).long())
+        self.model.train()
+
+
+class OddetrCase:
+    """oddetr's trainer step (GuardedStep), distillation on or off."""
+
+    def __init__(self, c: dict, distill: bool) -> None:
+        from oddetr.config import resolve_config
+        from oddetr.distill.distiller import OnlineDistiller
+        from oddetr.engine.checkpoint import TrainState
+        from oddetr.engine.optim import build_optimizer, build_scheduler
+        from oddetr.engine.step import GuardedStep
+        from oddetr.losses.criterion import SetCriterion
+        from oddetr.models.detector import build_model
+
+        layers = c["layers"]
+        cfg = resolve_config(overrides=[
+            "model=deformable-detr-r50", f"model.backbone.name={c['backbone']}", "model.backbone.trainable_layers=0",
+            "model.backbone.norm=frozen_bn", f"model.d_model={c['d_model']}", f"model.nheads={HEADS}",
+            f"model.enc_layers={layers}", f"model.dec_layers={layers}", f"model.dim_feedforward={FFN}",
+            "model.dropout=0.0", f"model.num_feature_levels={LEVELS}", f"model.enc_points={POINTS}",
+            f"model.dec_points={POINTS}", f"model.num_queries={c['queries']}", "model.box_refine=true",
+            "train.clip_grad=0.1", f"distill.enabled={str(distill).lower()}"])
+        torch.manual_seed(0)
+        self.model = build_model(cfg.model, NUM_CLASSES).train()
+        criterion = SetCriterion(cfg.loss)
+        distiller = OnlineDistiller(self.model, cfg, criterion) if distill else None
+        optimizer = build_optimizer(self.model, cfg)
+        state = TrainState(self.model, optimizer, build_scheduler(optimizer, 1000, cfg),
+                           torch.amp.GradScaler("cpu", enabled=False), distiller, {})
+        self.step = GuardedStep(state, None, criterion, cfg.train, torch.device("cpu"))
+
+    def train_step(self, images, masks, targets) -> None:
+        if not self.step(images, masks, targets, True, "benchmark").finite:
+            raise RuntimeError("non-finite step")
+
+    def infer(self, images, masks) -> None:
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(images, masks)
+        self.model.train()
+
+
+CASES = ("HF", "oddetr", "OD-DETR")
+
+
+def make_case(name: str, c: dict):
+    return HFCase(c) if name == "HF" else OddetrCase(c, distill=name == "OD-DETR")
+
+
+def timing(config: str, steps: int, warmup: int) -> dict:
+    """Median train-step and inference seconds of the three cases, interleaved in this process."""
+    c = CONFIGS[config]
+    images, masks, targets = random_batch(c["batch"], c["size"])
+    cases = {name: make_case(name, c) for name in CASES}
+    train = {n: [] for n in cases}
+    infer = {n: [] for n in cases}
+    for i in range(warmup + steps):
+        for name, case in cases.items():
+            t0 = time.perf_counter()
+            case.train_step(images, masks, targets)
+            if i >= warmup:
+                train[name].append(time.perf_counter() - t0)
+    for i in range(warmup + steps):
+        for name, case in cases.items():
+            t0 = time.perf_counter()
+            case.infer(images, masks)
+            if i >= warmup:
+                infer[name].append(time.perf_counter() - t0)
+    return {"train": {n: statistics.median(v) for n, v in train.items()},
+            "infer": {n: statistics.median(v) for n, v in infer.items()}}
+
+
+def memory(config: str, name: str) -> float:
+    """Peak RSS (MB) of one case: build, one warm-up step, one step (run in its own process)."""
+    c = CONFIGS[config]
+    images, masks, targets = random_batch(c["batch"], c["size"])
+    case = make_case(name, c)
+    for _ in range(2):
+        case.train_step(images, masks, targets)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args: argparse.Namespace, payload: dict) -> dict:
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", json.dumps(payload)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{payload} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        p = json.loads(args.child)
+        if p["kind"] == "timing":
+            print(json.dumps(timing(p["config"], p["steps"], p["warmup"])))
+        else:
+            print(json.dumps({"peak_mb": memory(p["config"], p["case"])}))
+        return
+    print(f"{args.threads} thread(s); train / inference: median of {args.steps} interleaved steps after "
+          f"{args.warmup} warm-up; peak RSS per case in its own process")
+    print("| config | HF train / infer | oddetr train / infer | oddetr / HF train, infer | "
+          "OD-DETR train | OD-DETR / baseline step | peak MB HF / oddetr / OD-DETR | OD-DETR / baseline memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config in args.configs:
+        t = child(args, {"kind": "timing", "config": config, "steps": args.steps, "warmup": args.warmup})
+        mem = {name: child(args, {"kind": "memory", "config": config, "case": name})["peak_mb"] for name in CASES}
+        tr, inf = t["train"], t["infer"]
+        c = CONFIGS[config]
+        label = (f"{c['backbone'].replace('resnet', 'R')}, d={c['d_model']}, {c['layers']}+{c['layers']} layers, "
+                 f"{c['queries']} queries, B={c['batch']} @ {c['size']} px")
+        print(f"| {label} | {tr['HF']:.2f} s / {inf['HF']:.2f} s | {tr['oddetr']:.2f} s / {inf['oddetr']:.2f} s | "
+              f"{tr['oddetr'] / tr['HF']:.2f}x, {inf['oddetr'] / inf['HF']:.2f}x | {tr['OD-DETR']:.2f} s | "
+              f"{tr['OD-DETR'] / tr['oddetr']:.2f}x | {mem['HF']:.0f} / {mem['oddetr']:.0f} / {mem['OD-DETR']:.0f} | "
+              f"{mem['OD-DETR'] / mem['oddetr']:.2f}x |", flush=True)
+        print(json.dumps({"config": config, **t, "peak_mb": mem}))
+
+
+if __name__ == "__main__":
+    main()
