@@ -30,40 +30,15 @@ import sys
 import time
 
 import torch
+from bench_common import build_step, random_batch
 
-from oddetr.config import resolve_config
-from oddetr.distill.distiller import OnlineDistiller
-from oddetr.engine.checkpoint import TrainState
-from oddetr.engine.optim import build_optimizer, build_scheduler
-from oddetr.engine.step import GuardedStep
-from oddetr.losses.criterion import SetCriterion
 from oddetr.models.detector import build_model
-
-
-def random_batch(batch: int, size: int, boxes: int, num_classes: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, size, size, generator=g)
-    masks = torch.zeros(batch, size, size, dtype=torch.bool)
-    targets = []
-    for i in range(batch):
-        xy = torch.rand(boxes, 2, generator=g) * 0.6 + 0.2
-        wh = torch.rand(boxes, 2, generator=g) * 0.2 + 0.05
-        targets.append({"labels": torch.randint(0, num_classes, (boxes,), generator=g),
-                        "boxes": torch.cat([xy, wh], 1), "image_id": i})
-    return images, masks, targets
 
 
 def train(preset: str, distill: bool, steps: int, batch, num_classes: int, overrides: list[str]):
     """A student trained ``steps`` steps on ``batch``, and the distiller (None for the baseline)."""
-    torch.manual_seed(0)
-    cfg = resolve_config(overrides=[f"model={preset}", f"distill.enabled={str(distill).lower()}", *overrides])
-    model = build_model(cfg.model, num_classes).train()
-    criterion = SetCriterion(cfg.loss)
-    distiller = OnlineDistiller(model, cfg, criterion) if distill else None
-    optimizer = build_optimizer(model, cfg)
-    state = TrainState(model, optimizer, build_scheduler(optimizer, 1000, cfg),
-                       torch.amp.GradScaler("cpu", enabled=False), distiller, {})
-    step = GuardedStep(state, None, criterion, cfg.train, torch.device("cpu"))
+    step, cfg = build_step(preset, distill, num_classes, overrides)
+    model, distiller = step.state.model, step.state.distiller
     for i in range(steps):
         step(*batch, True, f"step {i}")
     return model.eval(), distiller, cfg

@@ -22,44 +22,10 @@ import statistics
 from collections import defaultdict
 
 import torch
+from bench_common import build_step, random_batch
 from torch.profiler import ProfilerActivity, profile
 
-from oddetr.config import resolve_config
-from oddetr.distill.distiller import OnlineDistiller
-from oddetr.engine.checkpoint import TrainState
-from oddetr.engine.optim import build_optimizer, build_scheduler
-from oddetr.engine.step import GuardedStep
-from oddetr.losses.criterion import SetCriterion
-from oddetr.models.detector import build_model
 from oddetr.profiling import PREFIX
-
-
-def random_batch(batch: int, size: int, boxes: int, num_classes: int, seed: int = 0):
-    """(images (B, 3, S, S), masks (B, S, S), targets with ``boxes`` cxcywh boxes each)."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, size, size, generator=g)
-    masks = torch.zeros(batch, size, size, dtype=torch.bool)
-    targets = []
-    for i in range(batch):
-        xy = torch.rand(boxes, 2, generator=g) * 0.6 + 0.2
-        wh = torch.rand(boxes, 2, generator=g) * 0.2 + 0.05
-        targets.append({"labels": torch.randint(0, num_classes, (boxes,), generator=g),
-                        "boxes": torch.cat([xy, wh], 1), "image_id": i})
-    return images, masks, targets
-
-
-def build_step(preset: str, distill: bool, num_classes: int, overrides: list[str] = ()) -> GuardedStep:
-    """The trainer's step for ``preset`` (random init), distillation on or off."""
-    torch.manual_seed(0)
-    cfg = resolve_config(overrides=[f"model={preset}", f"distill.enabled={str(distill).lower()}", *overrides])
-    model = build_model(cfg.model, num_classes).train()
-    criterion = SetCriterion(cfg.loss)
-    distiller = OnlineDistiller(model, cfg, criterion) if distill else None
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, 1000, cfg)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = TrainState(model, optimizer, scheduler, scaler, distiller, {})
-    return GuardedStep(state, None, criterion, cfg.train, torch.device("cpu"))
 
 
 def phase_times(prof: profile) -> dict[str, float]:
@@ -92,8 +58,8 @@ def phase_times(prof: profile) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    cases = {"baseline": build_step(args.preset, False, args.classes, args.override),
-             "OD-DETR": build_step(args.preset, True, args.classes, args.override)}
+    cases = {"baseline": build_step(args.preset, False, args.classes, args.override)[0],
+             "OD-DETR": build_step(args.preset, True, args.classes, args.override)[0]}
     images, masks, targets = random_batch(args.batch, args.size, args.boxes, args.classes)
     for _ in range(args.warmup):
         for step in cases.values():

@@ -30,6 +30,7 @@ import sys
 import time
 
 import torch
+from bench_common import random_batch as random_boxes_batch
 
 CONFIGS = {
     "tiny": dict(backbone="resnet18", d_model=128, layers=3, queries=100, batch=4, size=256),
@@ -42,16 +43,7 @@ HEADS, FFN, LEVELS, POINTS = 8, 1024, 4, 4
 
 def random_batch(batch: int, size: int, seed: int = 0):
     """images (B, 3, S, S), masks (B, S, S) True on padding, targets (labels (G,), boxes (G, 4) cxcywh)."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, size, size, generator=g)
-    masks = torch.zeros(batch, size, size, dtype=torch.bool)
-    targets = []
-    for i in range(batch):
-        xy = torch.rand(BOXES, 2, generator=g) * 0.6 + 0.2
-        wh = torch.rand(BOXES, 2, generator=g) * 0.2 + 0.05
-        targets.append({"labels": torch.randint(0, NUM_CLASSES, (BOXES,), generator=g),
-                         "boxes": torch.cat([xy, wh], 1), "image_id": i})
-    return images, masks, targets
+    return random_boxes_batch(batch, size, BOXES, NUM_CLASSES, seed)
 
 
 class HFCase:
