@@ -135,9 +135,14 @@ def epochs_to_reach(curve: list[float], threshold: float) -> int | None:
     return None
 
 
-def mean_curve(curves: list[list[float | None]]) -> list[float]:
+def mean_curve(curves: list[list[float | None]]) -> list[float | None]:
+    """Per epoch, the mean over runs of the evaluated values (None where no run was evaluated)."""
     n = min(len(c) for c in curves)
-    return [statistics.fmean([c[i] for c in curves if c[i] is not None] or [0.0]) for i in range(n)]
+    means = []
+    for i in range(n):
+        values = [c[i] for c in curves if c[i] is not None]
+        means.append(statistics.fmean(values) if values else None)
+    return means
 
 
 def teacher_lead(student: list[float | None], teacher: list[float | None]) -> list[float]:
@@ -180,9 +185,10 @@ def summarize(runs: list[dict], epochs: int) -> dict:
         if base is None:
             continue
         target = base["student_final_ap"][0]
+        # a model that was never evaluated (no teacher) has no curve; epochs between evaluations are None
         table[(model, variant)]["epochs_to_baseline"] = [
-            epochs_to_reach(mean_curve(c[f"{who}/AP"]), target) if c[f"{who}/AP"][0] and
-            c[f"{who}/AP"][0][0] is not None else None for who in ("student", "teacher")]
+            epochs_to_reach(mean_curve(c[f"{who}/AP"]), target)
+            if any(v is not None for cv in c[f"{who}/AP"] for v in cv) else None for who in ("student", "teacher")]
     return {"table": table, "curves": curves}
 
 
