@@ -43,5 +43,18 @@ def unequal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> l
     return [k for k in keys if k not in a or k not in b or not torch.equal(a[k], b[k])]
 
 
+def assert_same_training_state(a: dict, b: dict, epoch: int, step: int) -> None:
+    """Two ``last.pt`` states at the same (epoch, step) with bit-identical student, EMA teacher (and its
+    step counter), optimiser state and scheduler."""
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (epoch, step)
+    assert unequal_tensors(a["model"], b["model"]) == []
+    assert a["teacher"]["step"] == b["teacher"]["step"] == step
+    assert unequal_tensors(a["teacher"]["model"], b["teacher"]["model"]) == []
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
+    assert all(unequal_tensors(opt_a[i], opt_b[i]) == [] for i in opt_a)
+    assert a["scheduler"] == b["scheduler"]
+
+
 def clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_testutils import FAST_KEYS, read_jsonl, synthetic_keys, unequal_tensors, without_timing
+from engine_testutils import (
+    FAST_KEYS,
+    assert_same_training_state,
+    read_jsonl,
+    synthetic_keys,
+    without_timing,
+)
 from test_resume import RANDOM_KEYS
 
 from oddetr.cli import main
@@ -56,15 +62,7 @@ def _interrupt_at(monkeypatch, call: int, action) -> None:
 
 
 def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
-    a, b = safe_load(a_dir / "last.pt"), safe_load(b_dir / "last.pt")
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
-    assert unequal_tensors(a["model"], b["model"]) == []
-    assert a["teacher"]["step"] == b["teacher"]["step"] == 6
-    assert unequal_tensors(a["teacher"]["model"], b["teacher"]["model"]) == []
-    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
-    assert all(unequal_tensors(opt_a[i], opt_b[i]) == [] for i in opt_a)
-    assert a["scheduler"] == b["scheduler"]
+    assert_same_training_state(safe_load(a_dir / "last.pt"), safe_load(b_dir / "last.pt"), epoch=2, step=6)
     records_a, records_b = read_jsonl(a_dir / "metrics.jsonl"), read_jsonl(b_dir / "metrics.jsonl")
     assert [r["epoch"] for r in records_b] == [1, 2]
     assert [without_timing(r) for r in records_a] == [without_timing(r) for r in records_b]

@@ -10,6 +10,8 @@ from oddetr.losses.criterion import SetCriterion
 from oddetr.losses.matcher import Assignment
 from oddetr.models.outputs import DetectorOutput, QueryGroup
 
+COPY_GROUP = "copy"  # the name prefix of ``loss.extra_groups``' query groups
+
 
 def detection_losses(criterion: SetCriterion, out: DetectorOutput, targets: Sequence[dict], num_boxes: float,
                      context: str = "") -> tuple[dict[str, torch.Tensor], list[Assignment]]:
@@ -32,8 +34,6 @@ def detection_losses(criterion: SetCriterion, out: DetectorOutput, targets: Sequ
             losses.update(criterion.group_losses(group.name, group.logits, group.boxes, targets, own, num_boxes))
     return losses, assignments
 
-
-COPY_GROUP = "copy"
 
 
 def main_group_copies(count: int) -> Callable[[QueryGroup], list[QueryGroup]]:
