@@ -298,6 +298,7 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", required=True, choices=list(PARTS))
+    parser.add_argument("--models", nargs="+", help="default: the part's (a subset runs some rows now, the rest later)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: the part's")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="default: the part's regime")
@@ -312,7 +313,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     variants = args.variants or list(part.variants)
-    jobs = [(m, v, s) for s in args.seeds for m in part.models for v in variants]
+    models = args.models or list(part.models)
+    unknown = sorted(set(models) - set(part.models))
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} not in part {args.part!r} ({', '.join(part.models)})")
+    jobs = [(m, v, s) for s in args.seeds for m in models for v in variants]
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: run_one(*j, part.regime, epochs, Path(args.runs), threads, args.overrides),
