@@ -146,6 +146,10 @@ class DistillConfig:
     ema_decay: float = 0.9997
     ema_tau: float = 2000.0
     warmup_steps: int = -1  # -1: ema_tau
+    # BatchNorm in the teacher's guiding pass: its EMA'd running statistics, or the batch's statistics
+    # (running statistics untouched), which normalise as the training-mode student does; evaluation
+    # always uses the running statistics
+    teacher_bn: Literal["running", "batch"] = "running"
     md_box: Literal["none", "unmatched_only", "all"] = "unmatched_only"
     # soft-target box of a (query, GT) pair only the teacher made: the teacher's box, the student's, or the
     # better of the two (IoU with the GT); the student's own pairs always use the student's box

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from distill_testutils import one_thread, tiny_config, tiny_model
+from distill_testutils import fixed_targets, images_and_masks, one_thread, tiny_config, tiny_model, tiny_setup
 from torch import nn
 
 from oddetr.distill.ema import EmaTeacher, ema_decay_at
@@ -183,3 +183,44 @@ def test_ema_state_dict_round_trip_restores_step_and_weights():
     assert restored.update(student) == ema.update(student) == pytest.approx(0.9 * (1 - math.exp(-4 / 2.0)))
     for a, b in zip(ema.model.parameters(), restored.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_batch_statistics_normalises_like_training_mode_and_leaves_the_teacher_untouched():
+    from oddetr.distill.ema import batch_statistics
+
+    net = _small_net()
+    with torch.no_grad():  # a few training batches so that running statistics differ from any one batch's
+        for seed in range(3):
+            net(torch.randn(16, 3, generator=torch.Generator().manual_seed(seed)) * 2 + 1)
+    net.eval()
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(9))
+    reference = {k: v.clone() for k, v in net.state_dict().items()}
+    oracle = copy_in_train_mode(net)(x)  # a training-mode copy: batch statistics (its own buffers move)
+    with torch.no_grad(), batch_statistics(net):
+        inside = net(x)
+    assert torch.allclose(inside, oracle, atol=1e-6)
+    assert not torch.allclose(inside, net(x), atol=1e-3)  # the eval-mode output differs
+    for k, v in net.state_dict().items():  # running mean / var and num_batches_tracked untouched
+        assert torch.equal(v, reference[k]), k
+    assert not net.training and not net[1].training and net[1].track_running_stats
+
+
+def copy_in_train_mode(net: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(net).train()
+
+
+def test_distiller_teacher_bn_batch_gives_the_training_mode_teacher_output():
+    _, student, _, distiller = tiny_setup("distill.teacher_bn=batch", "distill.aux=false")
+    _, _, _, running = tiny_setup("distill.aux=false")
+    images, masks = images_and_masks()
+    targets = fixed_targets()
+    oracle = copy_in_train_mode(distiller.teacher.model)
+    with torch.no_grad():
+        expected = oracle(images, masks).main.logits
+    got = distiller.prepare(images, masks, targets).teacher.main.logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    # at init the boxes are the reference points either way; the class logits see the normalisation
+    assert not torch.allclose(running.prepare(images, masks, targets).teacher.main.logits, expected, atol=1e-3)
+    assert not distiller.teacher.model.training

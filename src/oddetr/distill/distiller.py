@@ -12,6 +12,7 @@ Per training step::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from oddetr.config import Config
-from oddetr.distill.ema import EmaTeacher
+from oddetr.distill.ema import EmaTeacher, batch_statistics
 from oddetr.distill.groups import AuxGroup, aux_group, prediction_group, select_aux_queries
 from oddetr.distill.losses import prediction_distillation_losses
 from oddetr.distill.two_stage import main_group_teacher_assignments, main_group_teacher_boxes
@@ -93,7 +94,9 @@ class OnlineDistiller:
         backbone_prefix: the student's frozen first backbone blocks run on ``images``: the teacher's
         copies of them are the same function (an EMA of constants), so it goes on from there.
         """
-        t_out = self.teacher.model(images, masks, backbone_prefix=backbone_prefix)
+        with batch_statistics(self.teacher.model) if self.cfg.teacher_bn == "batch" \
+                else contextlib.nullcontext():
+            t_out = self.teacher.model(images, masks, backbone_prefix=backbone_prefix)
         plan = DistillPlan(teacher=t_out)
         if self.uses_pd_group:
             plan.groups.append(prediction_group(t_out.initial))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -65,6 +67,23 @@ class EmaTeacher:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.step = int(state["step"])
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s BatchNorm layers normalise with the batch's statistics, as in
+    training mode, without updating their running statistics or ``num_batches_tracked``; every other
+    module keeps its mode (an eval-mode model stays in eval mode: no dropout, no denoising queries).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:
+            m.training, m.track_running_stats = True, False
+        yield model
+    finally:
+        for m, (training, track) in zip(norms, saved):
+            m.training, m.track_running_stats = training, track
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
