@@ -40,6 +40,10 @@ VARIANTS: dict[str, list[str]] = {
     "PD+AUX": [ON, "distill.md=false", "distill.pd=true", "distill.aux=true"],
     "OD-DETR w/o mdpd": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true", "distill.md_on_pd=false"],
     "OD-DETR": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true"],
+    # the teacher's guiding pass normalises with the batch's statistics, as the training-mode student does
+    # (two-stage models: their top-K proposals then coincide early in training; benchmarks/two_stage_probe.py)
+    "OD-DETR, teacher BN batch": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true",
+                                  "distill.teacher_bn=batch"],
 }
 DISTILLED = {v for v, keys in VARIANTS.items() if ON in keys}
 
