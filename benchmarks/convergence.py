@@ -59,7 +59,7 @@ class Regime:
     max_objects: int
     epochs: int
     batch_size: int = 8
-    eval_every: int = 1  # student and teacher are evaluated (AP and instability) every this many epochs
+    eval_every: int = 1  # student and teacher AP every this many epochs (instability: every epoch, whatever this is)
 
     def steps(self, epochs: int | None = None) -> int:
         return (epochs or self.epochs) * (self.num_train // self.batch_size)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 from tqdm import tqdm
@@ -148,6 +149,8 @@ class Trainer:
                     record = {"epoch": state.epoch, "step": state.step, **train_stats}
                     if state.epoch % self.cfg.train.eval_every == 0 or state.epoch == self.cfg.train.epochs:
                         record.update(self.evaluate_all())
+                    # instability compares consecutive epochs (METHOD.md), whatever train.eval_every is
+                    record.update(self.probe_instability())
                     self.logger.log_epoch(record)
                     self.save_checkpoints(record)
                     if self.is_main:
@@ -239,18 +242,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate_all(self) -> dict[str, float]:
-        """COCO metrics and instability for the student (and the teacher)."""
+    def evaluated_models(self) -> dict[str, nn.Module]:
         models = {"student": self.model}
         if self.distiller is not None:
             models["teacher"] = self.distiller.teacher.model
+        return models
+
+    def evaluate_all(self) -> dict[str, float]:
+        """COCO metrics on the validation set for the student (and the teacher)."""
         out: dict[str, float] = {}
         coco_gt = self.val_set.coco_gt()
-        for name, model in models.items():
+        for name, model in self.evaluated_models().items():
             was_training = model.training
             metrics = evaluate(model, self.val_loader, self.device, coco_gt, self.val_set.label_to_cat_id,
                                self.cfg.eval.max_detections, self.cfg.train.amp)
             out.update({f"{name}/{k}": v for k, v in metrics.items() if k in METRIC_KEYS})
+            model.train(was_training)
+        return out
+
+    def probe_instability(self) -> dict[str, float]:
+        """Matching instability since the previous epoch (from the second epoch on) for the student (and the
+        teacher): the fraction of the probe set's GT boxes whose matched query changed."""
+        out: dict[str, float] = {}
+        for name, model in self.evaluated_models().items():
+            was_training = model.training
             current = probe_assignment(model, self.probe_loader, self.criterion.matcher, self.device)
             previous = self.state.previous_assignment.get(name)
             if previous is not None:
