@@ -44,6 +44,8 @@ VARIANTS: dict[str, list[str]] = {
     # (two-stage models: their top-K proposals then coincide early in training; benchmarks/two_stage_probe.py)
     "OD-DETR, teacher BN batch": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true",
                                   "distill.teacher_bn=batch"],
+    # the teacher's guiding pass under bf16 autocast (its outputs back in float32): a cheaper teacher
+    "OD-DETR, bf16 teacher": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true", "distill.teacher_amp=bf16"],
 }
 DISTILLED = {v for v, keys in VARIANTS.items() if ON in keys}
 

@@ -150,6 +150,9 @@ class DistillConfig:
     # (running statistics untouched), which normalise as the training-mode student does; evaluation
     # always uses the running statistics
     teacher_bn: Literal["running", "batch"] = "running"
+    # autocast precision of the teacher's guiding pass (no grad), its outputs cast back to float32: on CPUs
+    # with bf16 units and on GPUs a cheaper teacher; none follows train.amp
+    teacher_amp: Literal["none", "bf16", "fp16"] = "none"
     md_box: Literal["none", "unmatched_only", "all"] = "unmatched_only"
     # soft-target box of a (query, GT) pair only the teacher made: the teacher's box, the student's, or the
     # better of the two (IoU with the GT); the student's own pairs always use the student's box

@@ -27,7 +27,7 @@ from oddetr.distill.two_stage import main_group_teacher_assignments, main_group_
 from oddetr.losses.criterion import SetCriterion, teacher_only_pairs, union_unmatched
 from oddetr.losses.matcher import Assignment
 from oddetr.models.backbone import BackbonePrefix
-from oddetr.models.outputs import DetectorOutput, GroupOutput, QueryGroup
+from oddetr.models.outputs import DetectorOutput, GroupOutput, QueryGroup, cast_floating
 from oddetr.profiling import scope
 
 
@@ -95,8 +95,10 @@ class OnlineDistiller:
         copies of them are the same function (an EMA of constants), so it goes on from there.
         """
         with batch_statistics(self.teacher.model) if self.cfg.teacher_bn == "batch" \
-                else contextlib.nullcontext():
+                else contextlib.nullcontext(), self._teacher_autocast(images.device):
             t_out = self.teacher.model(images, masks, backbone_prefix=backbone_prefix)
+        if self.cfg.teacher_amp != "none":
+            t_out = cast_floating(t_out, torch.float32)
         plan = DistillPlan(teacher=t_out)
         if self.uses_pd_group:
             plan.groups.append(prediction_group(t_out.initial))
@@ -111,6 +113,12 @@ class OnlineDistiller:
             plan.aux = self._aux_groups(t_out, targets, costs)
             plan.groups.extend(a.group for a in plan.aux)
         return plan
+
+    def _teacher_autocast(self, device: torch.device):
+        if self.cfg.teacher_amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.teacher_amp == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
 
     def aux_stages(self) -> list[int]:
         stages = self.cfg.aux_stages

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -154,3 +158,18 @@ class DetectorOutput:
     def pred_boxes(self) -> torch.Tensor:
         """(B, Q, 4) final-layer cxcywh boxes of the main group."""
         return self.main.boxes[-1]
+
+
+def cast_floating(value: T, dtype: torch.dtype) -> T:
+    """``value`` (a tensor, a list / tuple, or one of this module's dataclasses, nested) with every
+    floating-point tensor cast to ``dtype``; integer / bool tensors and other fields unchanged.
+    E.g. a teacher pass run under bf16 autocast, brought back to float32 for the student's losses."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value  # type: ignore[return-value]
+    if isinstance(value, list | tuple):
+        return type(value)(cast_floating(v, dtype) for v in value)  # type: ignore[return-value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes: dict[str, Any] = {f.name: cast_floating(getattr(value, f.name), dtype)
+                                   for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    return value
