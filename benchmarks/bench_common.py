@@ -39,7 +39,7 @@ def build_step(preset: str, distill: bool, num_classes: int,
     cfg = resolve_config(overrides=[f"model={preset}", f"distill.enabled={str(distill).lower()}", *overrides])
     model = build_model(cfg.model, num_classes).train()
     criterion = SetCriterion(cfg.loss)
-    distiller = OnlineDistiller(model, cfg, criterion) if distill else None
+    distiller = OnlineDistiller(model, cfg, criterion, total_steps=1000) if distill else None
     optimizer = build_optimizer(model, cfg)
     state = TrainState(model, optimizer, build_scheduler(optimizer, 1000, cfg),
                        torch.amp.GradScaler("cpu", enabled=False), distiller, {})

@@ -309,6 +309,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="default: the part's regime")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--out", default="docs/convergence")
     parser.add_argument("--runs", default="runs/convergence", help="where the individual runs go (not committed)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
@@ -317,7 +318,7 @@ def main() -> None:
     epochs = args.epochs or part.regime.epochs
     out = Path(args.out) / args.part
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     variants = args.variants or list(part.variants)
     models = args.models or list(part.models)
     unknown = sorted(set(models) - set(part.models))

@@ -37,7 +37,7 @@ def run_case(preset: str, size: int, batch: int, steps: int, warmup: int, distil
     dev = torch.device(device)
     model = build_model(cfg.model, 80 if "r50" in preset else 6).to(dev).train()
     criterion = SetCriterion(cfg.loss)
-    distiller = OnlineDistiller(model, cfg, criterion) if distill else None
+    distiller = OnlineDistiller(model, cfg, criterion, total_steps=1000) if distill else None
     optimizer = build_optimizer(model, cfg)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g).to(dev)

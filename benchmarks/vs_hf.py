@@ -109,7 +109,7 @@ class OddetrCase:
         torch.manual_seed(0)
         self.model = build_model(cfg.model, NUM_CLASSES).train()
         criterion = SetCriterion(cfg.loss)
-        distiller = OnlineDistiller(self.model, cfg, criterion) if distill else None
+        distiller = OnlineDistiller(self.model, cfg, criterion, total_steps=1000) if distill else None
         optimizer = build_optimizer(self.model, cfg)
         state = TrainState(self.model, optimizer, build_scheduler(optimizer, 1000, cfg),
                            torch.amp.GradScaler("cpu", enabled=False), distiller, {})

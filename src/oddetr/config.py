@@ -143,8 +143,13 @@ class DistillConfig:
     pd: bool = True
     aux: bool = True
     md_on_pd: bool = True  # MD also on the PD group (its queries correspond to the teacher's index-for-index)
-    ema_decay: float = 0.9997
-    ema_tau: float = 2000.0
+    # EMA teacher: θ_t ← m_k θ_t + (1 − m_k) θ_s, m_k = m (1 − exp(−k / τ)). Left unset (null), m and τ follow
+    # ema_horizon: the horizon 1 / (1 − m) = τ = that fraction of the run's optimiser steps (METHOD.md: a few
+    # percent), so that a short run on a small dataset and a long COCO run average over the same share of
+    # training; set them to fix them in steps
+    ema_decay: float | None = None
+    ema_tau: float | None = None
+    ema_horizon: float = 0.04
     warmup_steps: int = -1  # -1: ema_tau
     # BatchNorm in the teacher's guiding pass: its EMA'd running statistics, or the batch's statistics
     # (running statistics untouched), which normalise as the training-mode student does; evaluation
@@ -243,8 +248,12 @@ class Config:
             raise ConfigError(f"config key 'distill.pd_box_beta' must be > 0, got {d.pd_box_beta}")
         if self.train.checkpoint_every < 0:
             raise ConfigError(f"config key 'train.checkpoint_every' must be >= 0, got {self.train.checkpoint_every}")
-        if not 0.0 <= self.distill.ema_decay < 1.0:
-            raise ConfigError(f"config key 'distill.ema_decay' must be in [0, 1), got {self.distill.ema_decay}")
+        if d.ema_decay is not None and not 0.0 <= d.ema_decay < 1.0:
+            raise ConfigError(f"config key 'distill.ema_decay' must be in [0, 1), got {d.ema_decay}")
+        if d.ema_tau is not None and d.ema_tau < 0.0:
+            raise ConfigError(f"config key 'distill.ema_tau' must be >= 0, got {d.ema_tau}")
+        if not 0.0 < d.ema_horizon <= 1.0:
+            raise ConfigError(f"config key 'distill.ema_horizon' must be in (0, 1], got {d.ema_horizon}")
         if self.distill.aux_stages is not None:
             bad = [s for s in self.distill.aux_stages if not 0 <= s < m.dec_layers]
             if bad:

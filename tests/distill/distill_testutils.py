@@ -48,7 +48,7 @@ def tiny_setup(*overrides: str, seed: int = 0) -> tuple[Config, DeformableDETR, 
     cfg = tiny_config(*overrides)
     model = tiny_model(cfg, seed)
     criterion = SetCriterion(cfg.loss)
-    return cfg, model, criterion, OnlineDistiller(model, cfg, criterion)
+    return cfg, model, criterion, OnlineDistiller(model, cfg, criterion, total_steps=900)
 
 
 def images_and_masks(batch: int = 2, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -224,3 +224,19 @@ def test_distiller_teacher_bn_batch_gives_the_training_mode_teacher_output():
     # at init the boxes are the reference points either way; the class logits see the normalisation
     assert not torch.allclose(running.prepare(images, masks, targets).teacher.main.logits, expected, atol=1e-3)
     assert not distiller.teacher.model.training
+
+
+def test_ema_schedule_follows_the_horizon_rule_unless_given():
+    from oddetr.distill.ema import ema_schedule
+
+    # 4% of 900 steps = 36: 1 / (1 - m) = 36, tau = 36
+    m, tau = ema_schedule(None, None, 0.04, 900)
+    assert tau == pytest.approx(36.0) and 1 / (1 - m) == pytest.approx(36.0)
+    # COCO, 12 epochs at batch 16: 87,960 steps -> 3518.4
+    m, tau = ema_schedule(None, None, 0.04, 87_960)
+    assert tau == pytest.approx(3518.4) and m == pytest.approx(1 - 1 / 3518.4)
+    assert ema_schedule(0.97, 33.0, 0.04, 900) == (0.97, 33.0)  # explicit values win
+    assert ema_schedule(0.97, None, 0.04, 900) == (0.97, pytest.approx(36.0))
+    assert ema_schedule(None, None, 0.04, 50) == (pytest.approx(0.9), 10.0)  # at least 10 steps
+    with pytest.raises(ValueError, match="total optimiser steps"):
+        ema_schedule(None, None, 0.04, None)

@@ -146,7 +146,7 @@ def test_od_detr_training_step_on_every_arch(tiny_config, preset):
     model = build_model(cfg.model, NUM_CLASSES)
     model.train()
     criterion = SetCriterion(cfg.loss)
-    distiller = OnlineDistiller(model, cfg, criterion)
+    distiller = OnlineDistiller(model, cfg, criterion, total_steps=900)
     images, masks, targets = _batch()
     plan = distiller.prepare(images, masks, targets)
     dino = cfg.model.arch == "dino"

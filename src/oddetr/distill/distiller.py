@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from oddetr.config import Config
-from oddetr.distill.ema import EmaTeacher, batch_statistics
+from oddetr.distill.ema import EmaTeacher, batch_statistics, ema_schedule
 from oddetr.distill.groups import AuxGroup, aux_group, prediction_group, select_aux_queries
 from oddetr.distill.losses import prediction_distillation_losses
 from oddetr.distill.two_stage import main_group_teacher_assignments, main_group_teacher_boxes
@@ -44,13 +44,18 @@ class DistillPlan:
 class OnlineDistiller:
     """Owns the EMA teacher and turns its pass into student groups and distillation losses."""
 
-    def __init__(self, student: nn.Module, cfg: Config, criterion: SetCriterion) -> None:
+    def __init__(self, student: nn.Module, cfg: Config, criterion: SetCriterion,
+                 total_steps: int | None = None) -> None:
+        """total_steps: the run's optimiser steps, for ``distill.ema_decay`` / ``ema_tau`` left unset
+        (they then follow ``distill.ema_horizon``)."""
         self.cfg = cfg.distill
         self.model_cfg = cfg.model
         self.criterion = criterion
-        self.teacher = EmaTeacher(student, cfg.distill.ema_decay, cfg.distill.ema_tau)
+        d = cfg.distill
+        decay, tau = ema_schedule(d.ema_decay, d.ema_tau, d.ema_horizon, total_steps)
+        self.teacher = EmaTeacher(student, decay, tau)
         warmup = cfg.distill.warmup_steps
-        self.warmup_steps = int(cfg.distill.ema_tau) if warmup < 0 else warmup
+        self.warmup_steps = round(tau) if warmup < 0 else warmup
         # two-stage models pick their main queries per image: MD on the main group maps the teacher's
         # matching through shared encoder positions (distill.two_stage), and runs on the PD group too
         self.md_on_main = self.cfg.md

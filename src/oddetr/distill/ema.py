@@ -18,6 +18,22 @@ def ema_decay_at(step: int, decay: float, tau: float) -> float:
     return decay * (1.0 - math.exp(-step / tau))
 
 
+MIN_HORIZON_STEPS = 10
+
+
+def ema_schedule(decay: float | None, tau: float | None, horizon: float,
+                 total_steps: int | None) -> tuple[float, float]:
+    """The teacher's (m, τ): each as given, or, left None, from the horizon rule
+    1 / (1 − m) = τ = ``horizon`` × ``total_steps`` (at least ``MIN_HORIZON_STEPS``)."""
+    if decay is not None and tau is not None:
+        return decay, tau
+    if total_steps is None or total_steps <= 0:
+        raise ValueError("distill.ema_decay / distill.ema_tau unset: the EMA horizon needs the run's total "
+                         "optimiser steps")
+    steps = max(float(MIN_HORIZON_STEPS), horizon * total_steps)
+    return (1.0 - 1.0 / steps if decay is None else decay), (steps if tau is None else tau)
+
+
 class EmaTeacher:
     """An exponential moving average of a student model, kept frozen and in eval mode.
 

@@ -106,7 +106,14 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         # after DDP, which broadcasts rank 0's weights: every rank's teacher starts from the same student
-        self.distiller = OnlineDistiller(self.model, cfg, self.criterion) if cfg.distill.enabled else None
+        total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.distiller = OnlineDistiller(self.model, cfg, self.criterion, total_steps) \
+            if cfg.distill.enabled else None
+        if self.distiller is not None and self.is_main:
+            t = self.distiller.teacher
+            print(f"OD-DETR: EMA teacher m = {t.decay:.6g}, tau = {t.tau:g} (horizon {1 / (1 - t.decay):.0f} of "
+                  f"{total_steps} optimiser steps); distillation weights ramp in over "
+                  f"{self.distiller.warmup_steps} steps", file=sys.stderr, flush=True)
 
         # ---- state: what a checkpoint holds, and the guarded step that moves it
         meta = {"config": cfg.to_dict(), "num_classes": num_classes,
