@@ -3,6 +3,7 @@
     pip install 'oddetr[hf]'                           # transformers, optional; nothing is downloaded
     OMP_NUM_THREADS=1 python benchmarks/vs_hf.py --configs tiny
     python benchmarks/vs_hf.py                         # tiny and r50
+    python benchmarks/vs_hf.py --teacher-amp bf16      # also OD-DETR with its teacher pass in bf16
 
 Configs (the same in both libraries, random init, ResNet backbone frozen, 4 feature levels, box
 refinement, per-layer auxiliary losses, AdamW, gradient clipping 0.1, dropout 0):
@@ -89,7 +90,7 @@ class HFCase:
 class OddetrCase:
     """oddetr's trainer step (GuardedStep), distillation on or off."""
 
-    def __init__(self, c: dict, distill: bool) -> None:
+    def __init__(self, c: dict, distill: bool, extra: tuple[str, ...] = ()) -> None:
         from oddetr.config import resolve_config
         from oddetr.distill.distiller import OnlineDistiller
         from oddetr.engine.checkpoint import TrainState
@@ -105,7 +106,7 @@ class OddetrCase:
             f"model.enc_layers={layers}", f"model.dec_layers={layers}", f"model.dim_feedforward={FFN}",
             "model.dropout=0.0", f"model.num_feature_levels={LEVELS}", f"model.enc_points={POINTS}",
             f"model.dec_points={POINTS}", f"model.num_queries={c['queries']}", "model.box_refine=true",
-            "train.clip_grad=0.1", f"distill.enabled={str(distill).lower()}"])
+            "train.clip_grad=0.1", f"distill.enabled={str(distill).lower()}", *extra])
         torch.manual_seed(0)
         self.model = build_model(cfg.model, NUM_CLASSES).train()
         criterion = SetCriterion(cfg.loss)
@@ -127,17 +128,24 @@ class OddetrCase:
 
 
 CASES = ("HF", "oddetr", "OD-DETR")
+# --teacher-amp bf16: OD-DETR with its teacher pass under bf16 autocast, timed (training) beside the others
+TEACHER_AMP_CASE = "OD-DETR, {} teacher"
 
 
 def make_case(name: str, c: dict):
-    return HFCase(c) if name == "HF" else OddetrCase(c, distill=name == "OD-DETR")
+    if name == "HF":
+        return HFCase(c)
+    if name.startswith("OD-DETR, "):
+        return OddetrCase(c, distill=True, extra=(f"distill.teacher_amp={name.split()[1]}",))
+    return OddetrCase(c, distill=name == "OD-DETR")
 
 
-def timing(config: str, steps: int, warmup: int) -> dict:
-    """Median train-step and inference seconds of the three cases, interleaved in this process."""
+def timing(config: str, steps: int, warmup: int, teacher_amp: str = "none") -> dict:
+    """Median train-step and inference seconds of the cases, interleaved in this process."""
     c = CONFIGS[config]
     images, masks, targets = random_batch(c["batch"], c["size"])
-    cases = {name: make_case(name, c) for name in CASES}
+    names = [*CASES, *([TEACHER_AMP_CASE.format(teacher_amp)] if teacher_amp != "none" else [])]
+    cases = {name: make_case(name, c) for name in names}
     train = {n: [] for n in cases}
     infer = {n: [] for n in cases}
     for i in range(warmup + steps):
@@ -148,12 +156,14 @@ def timing(config: str, steps: int, warmup: int) -> dict:
                 train[name].append(time.perf_counter() - t0)
     for i in range(warmup + steps):
         for name, case in cases.items():
+            if name not in CASES:
+                continue  # the same deployed model as OD-DETR
             t0 = time.perf_counter()
             case.infer(images, masks)
             if i >= warmup:
                 infer[name].append(time.perf_counter() - t0)
     return {"train": {n: statistics.median(v) for n, v in train.items()},
-            "infer": {n: statistics.median(v) for n, v in infer.items()}}
+            "infer": {n: statistics.median(v) for n, v in infer.items() if v}}
 
 
 def memory(config: str, name: str) -> float:
@@ -180,13 +190,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--teacher-amp", default="none", choices=["none", "bf16", "fp16"],
+                        help="also time OD-DETR with distill.teacher_amp set to this")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         p = json.loads(args.child)
         if p["kind"] == "timing":
-            print(json.dumps(timing(p["config"], p["steps"], p["warmup"])))
+            print(json.dumps(timing(p["config"], p["steps"], p["warmup"], p.get("teacher_amp", "none"))))
         else:
             print(json.dumps({"peak_mb": memory(p["config"], p["case"])}))
         return
@@ -196,7 +208,8 @@ def main() -> None:
           "OD-DETR train | OD-DETR / baseline step | peak MB HF / oddetr / OD-DETR | OD-DETR / baseline memory |")
     print("|---|---|---|---|---|---|---|---|")
     for config in args.configs:
-        t = child(args, {"kind": "timing", "config": config, "steps": args.steps, "warmup": args.warmup})
+        t = child(args, {"kind": "timing", "config": config, "steps": args.steps, "warmup": args.warmup,
+                         "teacher_amp": args.teacher_amp})
         mem = {name: child(args, {"kind": "memory", "config": config, "case": name})["peak_mb"] for name in CASES}
         tr, inf = t["train"], t["infer"]
         c = CONFIGS[config]
@@ -206,6 +219,10 @@ def main() -> None:
               f"{tr['oddetr'] / tr['HF']:.2f}x, {inf['oddetr'] / inf['HF']:.2f}x | {tr['OD-DETR']:.2f} s | "
               f"{tr['OD-DETR'] / tr['oddetr']:.2f}x | {mem['HF']:.0f} / {mem['oddetr']:.0f} / {mem['OD-DETR']:.0f} | "
               f"{mem['OD-DETR'] / mem['oddetr']:.2f}x |", flush=True)
+        if args.teacher_amp != "none":
+            name = TEACHER_AMP_CASE.format(args.teacher_amp)
+            print(f"|   {name}: train {tr[name]:.2f} s, {tr[name] / tr['oddetr']:.2f}x baseline step, "
+                  f"{tr[name] / tr['HF']:.2f}x HF | | | | | | | |", flush=True)
         print(json.dumps({"config": config, **t, "peak_mb": mem}))
 
 
