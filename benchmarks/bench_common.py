@@ -44,3 +44,17 @@ def build_step(preset: str, distill: bool, num_classes: int,
     state = TrainState(model, optimizer, build_scheduler(optimizer, 1000, cfg),
                        torch.amp.GradScaler("cpu", enabled=False), distiller, {})
     return GuardedStep(state, None, criterion, cfg.train, torch.device("cpu")), cfg
+
+
+def add_step_arguments(parser) -> None:
+    """The options of a benchmark that times trainer steps on one random batch (preset, image size,
+    batch, boxes and classes, steps, warm-up, threads, config overrides)."""
+    parser.add_argument("--preset", default="deformable-detr-tiny")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--boxes", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides, key=value")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ON = "distill.enabled=true"
+FULL = [ON, "distill.md=true", "distill.pd=true", "distill.aux=true"]  # OD-DETR with every part
 VARIANTS: dict[str, list[str]] = {
     "baseline": ["distill.enabled=false"],
     "baseline+QFL": ["distill.enabled=false", "loss.cls=qfl"],
@@ -39,13 +40,12 @@ VARIANTS: dict[str, list[str]] = {
     "MD+AUX": [ON, "distill.md=true", "distill.pd=false", "distill.aux=true"],
     "PD+AUX": [ON, "distill.md=false", "distill.pd=true", "distill.aux=true"],
     "OD-DETR w/o mdpd": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true", "distill.md_on_pd=false"],
-    "OD-DETR": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true"],
+    "OD-DETR": FULL,
     # the teacher's guiding pass normalises with the batch's statistics, as the training-mode student does
     # (two-stage models: their top-K proposals then coincide early in training; benchmarks/two_stage_probe.py)
-    "OD-DETR, teacher BN batch": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true",
-                                  "distill.teacher_bn=batch"],
+    "OD-DETR, teacher BN batch": [*FULL, "distill.teacher_bn=batch"],
     # the teacher's guiding pass under bf16 autocast (its outputs back in float32): a cheaper teacher
-    "OD-DETR, bf16 teacher": [ON, "distill.md=true", "distill.pd=true", "distill.aux=true", "distill.teacher_amp=bf16"],
+    "OD-DETR, bf16 teacher": [*FULL, "distill.teacher_amp=bf16"],
 }
 DISTILLED = {v for v, keys in VARIANTS.items() if ON in keys}
 

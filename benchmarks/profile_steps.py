@@ -22,7 +22,7 @@ import statistics
 from collections import defaultdict
 
 import torch
-from bench_common import build_step, random_batch
+from bench_common import add_step_arguments, build_step, random_batch
 from torch.profiler import ProfilerActivity, profile
 
 from oddetr.profiling import PREFIX
@@ -88,15 +88,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="deformable-detr-tiny")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--boxes", type=int, default=10)
-    parser.add_argument("--classes", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--override", nargs="*", default=[], help="config overrides, key=value")
+    add_step_arguments(parser)
     run(parser.parse_args())
 
 

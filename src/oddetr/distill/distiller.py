@@ -99,8 +99,7 @@ class OnlineDistiller:
         backbone_prefix: the student's frozen first backbone blocks run on ``images``: the teacher's
         copies of them are the same function (an EMA of constants), so it goes on from there.
         """
-        with batch_statistics(self.teacher.model) if self.cfg.teacher_bn == "batch" \
-                else contextlib.nullcontext(), self._teacher_autocast(images.device):
+        with self._teacher_pass_context(images.device):
             t_out = self.teacher.model(images, masks, backbone_prefix=backbone_prefix)
         if self.cfg.teacher_amp != "none":
             t_out = cast_floating(t_out, torch.float32)
@@ -119,11 +118,16 @@ class OnlineDistiller:
             plan.groups.extend(a.group for a in plan.aux)
         return plan
 
-    def _teacher_autocast(self, device: torch.device):
-        if self.cfg.teacher_amp == "none":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.teacher_amp == "bf16" else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
+    def _teacher_pass_context(self, device: torch.device) -> contextlib.ExitStack:
+        """BatchNorm on batch statistics (``distill.teacher_bn=batch``) and autocast (``distill.teacher_amp``)
+        for the teacher's guiding pass, as configured."""
+        stack = contextlib.ExitStack()
+        if self.cfg.teacher_bn == "batch":
+            stack.enter_context(batch_statistics(self.teacher.model))
+        if self.cfg.teacher_amp != "none":
+            dtype = torch.bfloat16 if self.cfg.teacher_amp == "bf16" else torch.float16
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+        return stack
 
     def aux_stages(self) -> list[int]:
         stages = self.cfg.aux_stages
