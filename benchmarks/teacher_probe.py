@@ -24,8 +24,8 @@ import torch
 
 from oddetr.engine.data import build_dataset, make_loader
 from oddetr.engine.evaluate import evaluate, gather_detections
-from oddetr.evaluation.coco_eval import evaluate_coco
 from oddetr.engine.inference import load_checkpoint_model
+from oddetr.evaluation.coco_eval import evaluate_coco
 
 
 def probe(run_dir: Path) -> dict[str, float]:

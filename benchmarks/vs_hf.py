@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/vs_hf.py --configs tiny
     python benchmarks/vs_hf.py                         # tiny and r50
     python benchmarks/vs_hf.py --teacher-amp bf16      # also OD-DETR with its teacher pass in bf16
+    python benchmarks/vs_hf.py --compile --compile-hf  # also both libraries under torch.compile (Inductor)
 
 Configs (the same in both libraries, random init, ResNet backbone frozen, 4 feature levels, box
 refinement, per-layer auxiliary losses, AdamW, gradient clipping 0.1, dropout 0):
@@ -50,7 +51,7 @@ def random_batch(batch: int, size: int, seed: int = 0):
 class HFCase:
     """transformers' DeformableDetrForObjectDetection with its own loss, AdamW and clipping."""
 
-    def __init__(self, c: dict) -> None:
+    def __init__(self, c: dict, compiled: bool = False) -> None:
         import transformers
 
         r18 = c["backbone"] == "resnet18"
@@ -71,6 +72,8 @@ class HFCase:
             p.requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=2e-4, weight_decay=1e-4)
+        if compiled:  # what a user of transformers gets from torch.compile (Inductor, default options)
+            self.model.compile()
 
     def train_step(self, images, masks, targets) -> None:
         labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
@@ -90,10 +93,11 @@ class HFCase:
 class OddetrCase:
     """oddetr's trainer step (GuardedStep), distillation on or off."""
 
-    def __init__(self, c: dict, distill: bool, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, c: dict, distill: bool, extra: tuple[str, ...] = (), compiled: bool = False) -> None:
         from oddetr.config import resolve_config
         from oddetr.distill.distiller import OnlineDistiller
         from oddetr.engine.checkpoint import TrainState
+        from oddetr.engine.compiled import compile_detector
         from oddetr.engine.optim import build_optimizer, build_scheduler
         from oddetr.engine.step import GuardedStep
         from oddetr.losses.criterion import SetCriterion
@@ -115,6 +119,10 @@ class OddetrCase:
         state = TrainState(self.model, optimizer, build_scheduler(optimizer, 1000, cfg),
                            torch.amp.GradScaler("cpu", enabled=False), distiller, {})
         self.step = GuardedStep(state, None, criterion, cfg.train, torch.device("cpu"))
+        if compiled:  # as the trainer does with compile=true
+            compile_detector(self.model, "inductor", "oddetr")
+            if distiller is not None:
+                compile_detector(distiller.teacher.model, "inductor", "its teacher")
 
     def train_step(self, images, masks, targets) -> None:
         if not self.step(images, masks, targets, True, "benchmark").finite:
@@ -132,19 +140,31 @@ CASES = ("HF", "oddetr", "OD-DETR")
 TEACHER_AMP_CASE = "OD-DETR, {} teacher"
 
 
+# --compile / --compile-hf: the same models under torch.compile (Inductor), timed beside the eager ones
+COMPILED = ", compiled"
+
+
 def make_case(name: str, c: dict):
-    if name == "HF":
-        return HFCase(c)
-    if name.startswith("OD-DETR, "):
-        return OddetrCase(c, distill=True, extra=(f"distill.teacher_amp={name.split()[1]}",))
-    return OddetrCase(c, distill=name == "OD-DETR")
+    compiled = name.endswith(COMPILED)
+    base = name.removesuffix(COMPILED)
+    if base == "HF":
+        return HFCase(c, compiled)
+    if base.startswith("OD-DETR, "):
+        return OddetrCase(c, distill=True, extra=(f"distill.teacher_amp={base.split()[1]}",))
+    return OddetrCase(c, distill=base == "OD-DETR", compiled=compiled)
 
 
-def timing(config: str, steps: int, warmup: int, teacher_amp: str = "none") -> dict:
-    """Median train-step and inference seconds of the cases, interleaved in this process."""
+def case_names(teacher_amp: str = "none", compile_oddetr: bool = False, compile_hf: bool = False) -> list[str]:
+    return [*CASES, *([TEACHER_AMP_CASE.format(teacher_amp)] if teacher_amp != "none" else []),
+            *([f"HF{COMPILED}"] if compile_hf else []),
+            *([f"oddetr{COMPILED}", f"OD-DETR{COMPILED}"] if compile_oddetr else [])]
+
+
+def timing(config: str, steps: int, warmup: int, names: list[str]) -> dict:
+    """Median train-step and inference seconds of the cases, interleaved in this process (compiled cases
+    compile during the warm-up)."""
     c = CONFIGS[config]
     images, masks, targets = random_batch(c["batch"], c["size"])
-    names = [*CASES, *([TEACHER_AMP_CASE.format(teacher_amp)] if teacher_amp != "none" else [])]
     cases = {name: make_case(name, c) for name in names}
     train = {n: [] for n in cases}
     infer = {n: [] for n in cases}
@@ -156,8 +176,8 @@ def timing(config: str, steps: int, warmup: int, teacher_amp: str = "none") -> d
                 train[name].append(time.perf_counter() - t0)
     for i in range(warmup + steps):
         for name, case in cases.items():
-            if name not in CASES:
-                continue  # the same deployed model as OD-DETR
+            if name.startswith("OD-DETR,"):
+                continue  # OD-DETR's variants deploy OD-DETR's model (compiled: the compiled baseline's)
             t0 = time.perf_counter()
             case.infer(images, masks)
             if i >= warmup:
@@ -192,13 +212,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--teacher-amp", default="none", choices=["none", "bf16", "fp16"],
                         help="also time OD-DETR with distill.teacher_amp set to this")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time oddetr and OD-DETR with compile=true (torch.compile, Inductor)")
+    parser.add_argument("--compile-hf", action="store_true", help="also time HF under torch.compile")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         p = json.loads(args.child)
         if p["kind"] == "timing":
-            print(json.dumps(timing(p["config"], p["steps"], p["warmup"], p.get("teacher_amp", "none"))))
+            print(json.dumps(timing(p["config"], p["steps"], p["warmup"], p["names"])))
         else:
             print(json.dumps({"peak_mb": memory(p["config"], p["case"])}))
         return
@@ -208,8 +231,9 @@ def main() -> None:
           "OD-DETR train | OD-DETR / baseline step | peak MB HF / oddetr / OD-DETR | OD-DETR / baseline memory |")
     print("|---|---|---|---|---|---|---|---|")
     for config in args.configs:
+        names = case_names(args.teacher_amp, args.compile, args.compile_hf)
         t = child(args, {"kind": "timing", "config": config, "steps": args.steps, "warmup": args.warmup,
-                         "teacher_amp": args.teacher_amp})
+                         "names": names})
         mem = {name: child(args, {"kind": "memory", "config": config, "case": name})["peak_mb"] for name in CASES}
         tr, inf = t["train"], t["infer"]
         c = CONFIGS[config]
@@ -223,6 +247,18 @@ def main() -> None:
             name = TEACHER_AMP_CASE.format(args.teacher_amp)
             print(f"|   {name}: train {tr[name]:.2f} s, {tr[name] / tr['oddetr']:.2f}x baseline step, "
                   f"{tr[name] / tr['HF']:.2f}x HF | | | | | | | |", flush=True)
+        if args.compile_hf:
+            name = f"HF{COMPILED}"
+            print(f"|   HF, torch.compile: train {tr[name]:.2f} s, infer {inf[name]:.2f} s "
+                  f"({tr[name] / tr['HF']:.2f}x, {inf[name] / inf['HF']:.2f}x HF eager) | | | | | | | |", flush=True)
+        if args.compile:
+            o, od = f"oddetr{COMPILED}", f"OD-DETR{COMPILED}"
+            hf_best_train = min(tr["HF"], tr.get(f"HF{COMPILED}", float("inf")))
+            hf_best_infer = min(inf["HF"], inf.get(f"HF{COMPILED}", float("inf")))
+            print(f"|   oddetr, compile=true: train {tr[o]:.2f} s, infer {inf[o]:.2f} s ({tr[o] / tr['oddetr']:.2f}x, "
+                  f"{inf[o] / inf['oddetr']:.2f}x eager oddetr; {tr[o] / hf_best_train:.2f}x, "
+                  f"{inf[o] / hf_best_infer:.2f}x HF's faster mode); OD-DETR {tr[od]:.2f} s, "
+                  f"{tr[od] / tr[o]:.2f}x the compiled baseline step | | | | | | | |", flush=True)
         print(json.dumps({"config": config, **t, "peak_mb": mem}))
 
 

@@ -117,6 +117,15 @@ class Detector:
         self.model.to(self.device)
         return self
 
+    def compile(self, backend: str | None = None) -> Detector:
+        """``torch.compile`` the model in place (``backend``: the config's ``compile_backend`` by default,
+        ``inductor``). Predictions stay those of the eager model to float rounding; the first call at each
+        image size compiles (minutes on a CPU). Export uses the eager forward either way."""
+        from oddetr.engine.compiled import compile_detector
+
+        compile_detector(self.model, backend or self.config.compile_backend)
+        return self
+
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()

@@ -99,6 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
+    from oddetr.engine.compiled import compile_detector
     from oddetr.engine.data import build_dataset, make_loader
     from oddetr.engine.eval_report import default_eval_dir, prepare_eval_dir, write_eval_outputs
     from oddetr.engine.evaluate import gather_detections
@@ -117,6 +118,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prepare_eval_dir(out, manifest, _flag(own, "overwrite"))
     device = resolve_device(cfg.device)
     loaded.model.to(device)
+    if cfg.compile:
+        compile_detector(loaded.model, cfg.compile_backend)
     dataset = build_dataset(cfg, "val", train=False, classes=loaded.class_names)  # the checkpoint's label space
     _check_classes(dataset, loaded)
     loader = make_loader(dataset, cfg.eval.batch_size, False, cfg.data.num_workers, cfg.seed)
@@ -157,6 +160,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"config key 'score_threshold' got {own['score_threshold']!r}, expected a number") from None
     detector = Detector.from_checkpoint(path, own.get("weights", "auto"), overrides=_eval_overrides(rest))
+    if detector.config.compile:
+        detector.compile()
     written = detector.predict_files(images, output, threshold, own.get("annotations") or None)
     print(f"wrote {len(written)} images and {Path(output) / 'detections.json'} "
           f"({detector.weights} weights)", file=sys.stderr)

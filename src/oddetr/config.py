@@ -222,6 +222,11 @@ class Config:
     device: str = "auto"
     overwrite: bool = False
     deterministic: bool = False
+    # torch.compile the detector (student and teacher in training; the model in eval / predict / the API);
+    # a backend of torch._dynamo.list_backends(): "inductor" (fast code, minutes to compile on a CPU) or
+    # "aot_eager" / "eager" (no code generation: checks that the model traces, no speed-up)
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def validate(self) -> None:
         """Cross-field checks that types alone cannot express."""
@@ -261,6 +266,13 @@ class Config:
         names = self.data.classes
         if names is not None and (not names or len(set(names)) != len(names) or not all(n.strip() for n in names)):
             raise ConfigError(f"config key 'data.classes' must be a non-empty list of distinct names, got {names}")
+        if self.compile:
+            import torch._dynamo
+
+            backends = {*torch._dynamo.list_backends(), "eager", "aot_eager"}
+            if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ConfigError(f"config key 'compile_backend' must be one of {sorted(backends)}, "
+                                  f"got '{self.compile_backend}'")
         for split in ("train", "val"):
             _validate_split(getattr(self.data, split), f"data.{split}")
         _validate_sizes(self.data)

@@ -22,7 +22,6 @@ Formats and their runtimes:
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import warnings
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 
 from oddetr.config import Config, eval_image_size
 from oddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from oddetr.engine.compiled import eager_copy
 from oddetr.errors import ConfigError
 from oddetr.models.postprocess import top_detections
 
@@ -122,7 +122,7 @@ def export_detector(model: nn.Module, path: str | Path, format: str = "onnx",
     if format == "export" and path.suffix != ".pt2":
         raise ConfigError(f"output={path}: format=export writes a torch.export archive, name it *.pt2")
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportableDetector(copy.deepcopy(model).cpu().eval(), max_detections).eval()
+    wrapper = ExportableDetector(eager_copy(model).cpu().eval(), max_detections).eval()
     example = torch.rand(2, 3, *image_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python values frozen at the export size
@@ -148,7 +148,7 @@ def export_program(model: nn.Module, image_size: tuple[int, int] = (128, 128),
                    max_detections: int = 100) -> torch.export.ExportedProgram:
     """``torch.export`` of :class:`ExportableDetector` around a CPU copy of ``model``: batch 1..1024
     and height, width :func:`min_dynamic_side`..4096 dynamic (what ``format=export`` saves)."""
-    wrapper = ExportableDetector(copy.deepcopy(model).cpu().eval(), max_detections).eval()
+    wrapper = ExportableDetector(eager_copy(model).cpu().eval(), max_detections).eval()
     with torch.no_grad():
         return _torch_export(wrapper, torch.rand(2, 3, *image_size))
 

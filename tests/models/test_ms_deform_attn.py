@@ -163,3 +163,37 @@ def test_module_matches_manual_sampling_locations():
     v = attn.value_proj(value).view(2, -1, 2, 4)
     expected = attn.output_proj(ms_deform_attn_reference(v, shapes, loc, weights))
     torch.testing.assert_close(out, expected)
+
+
+def test_compiled_path_uses_the_opaque_op_with_reference_values_and_grads():
+    # under torch.compile the sampling is one opaque op (oddetr::bilinear_grid_sample) whose backward
+    # calls ATen's grid_sample backward; it must give the naive oracle's values and gradients
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    value, loc, weights = _random_case()
+    inputs_compiled = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
+    inputs_ref = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(multi_scale_deformable_attention, backend=backend, fullgraph=True)
+    # the detector passes the level shapes as (h, w) pairs, not a tensor (no data-dependent sizes)
+    out = compiled(inputs_compiled[0], SHAPES.tolist(), inputs_compiled[1], inputs_compiled[2])
+    out_ref = ms_deform_attn_reference(inputs_ref[0], SHAPES, inputs_ref[1], inputs_ref[2])
+    assert backend.frame_count == 1
+    graph_ops = {str(node.target) for graph in backend.graphs for node in graph.graph.nodes}
+    assert "oddetr.bilinear_grid_sample.default" in graph_ops
+    assert not any("grid_sampler" in op for op in graph_ops)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs_compiled, grad_out)
+    grads_ref = torch.autograd.grad(out_ref, inputs_ref, grad_out)
+    for name, gc, gr in zip(("value", "sampling_locations", "attention_weights"), grads, grads_ref):
+        torch.testing.assert_close(gc, gr, rtol=1e-8, atol=1e-10, msg=f"gradient w.r.t. {name}")
+
+
+def test_opaque_grid_sample_op_registration():
+    from oddetr.models.ms_deform_attn import _opaque_grid_sample
+
+    g = torch.Generator().manual_seed(1)
+    value = torch.randn(2, 3, 5, 6, generator=g, requires_grad=True)
+    grid = (torch.rand(2, 4, 3, 2, generator=g) * 2.4 - 1.2).requires_grad_(True)
+    torch.library.opcheck(_opaque_grid_sample, (value, grid))

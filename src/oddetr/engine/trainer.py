@@ -23,6 +23,7 @@ from oddetr.engine.checkpoint import (
     save_run_checkpoints,
     seed_everything,
 )
+from oddetr.engine.compiled import compile_detector
 from oddetr.engine.data import build_dataset, check_same_categories, make_loader
 from oddetr.engine.device import resolve_device  # re-exported: older code imports it from here
 from oddetr.engine.evaluate import evaluate, move_batch, probe_assignment
@@ -109,6 +110,10 @@ class Trainer:
         total_steps = self.steps_per_epoch * cfg.train.epochs
         self.distiller = OnlineDistiller(self.model, cfg, self.criterion, total_steps) \
             if cfg.distill.enabled else None
+        if cfg.compile:  # after the teacher's copy of the eager student
+            compile_detector(self.model, cfg.compile_backend, "the student")
+            if self.distiller is not None:
+                compile_detector(self.distiller.teacher.model, cfg.compile_backend, "the EMA teacher")
         if self.distiller is not None and self.is_main:
             t = self.distiller.teacher
             print(f"OD-DETR: EMA teacher m = {t.decay:.6g}, tau = {t.tau:g} (horizon {1 / (1 - t.decay):.0f} of "
