@@ -72,3 +72,28 @@ def test_an_unknown_compile_backend_is_a_one_line_config_error(tmp_path, tiny_ke
     err = capsys.readouterr().err.strip().splitlines()
     assert any("compile_backend" in line and "'nope'" in line for line in err)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_predict_command_with_compile_writes_the_eager_detections(runs, tmp_path, capsys) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 72, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    common = [f"checkpoint={runs[1] / 'last.pt'}", f"images={images}", "score_threshold=0.0"]
+    assert main(["predict", *common, f"output={tmp_path / 'eager'}"]) == 0
+    assert main(["predict", *common, f"output={tmp_path / 'compiled'}", "compile=true",
+                 "compile_backend=aot_eager"]) == 0
+    assert "torch.compile (aot_eager)" in capsys.readouterr().err
+    eager = json.loads((tmp_path / "eager" / "detections.json").read_text())
+    compiled = json.loads((tmp_path / "compiled" / "detections.json").read_text())
+    assert len(eager) == len(compiled) > 0
+    for a, b in zip(eager, compiled):
+        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+        assert b["score"] == pytest.approx(a["score"], rel=1e-4, abs=1e-5)
+        assert b["bbox"] == pytest.approx(a["bbox"], rel=1e-4, abs=1e-3)
