@@ -22,21 +22,27 @@ def _random_case(dtype=torch.float64, b=2, q=3, heads=2, dh=4, points=2, shapes=
     return value, loc, weights
 
 
-def test_fast_path_matches_reference_values_and_grads():
+def _assert_matches_reference(attention, shapes=SHAPES):
+    """``attention(value, shapes, locations, weights)`` on a random float64 case gives the naive oracle's
+    output (1e-10) and gradients w.r.t. all three inputs (rtol 1e-8); returns its output."""
     value, loc, weights = _random_case()
-    inputs_fast = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
+    inputs = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
     inputs_ref = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
-    out_fast = multi_scale_deformable_attention(inputs_fast[0], SHAPES, inputs_fast[1], inputs_fast[2])
+    out = attention(inputs[0], shapes, inputs[1], inputs[2])
     out_ref = ms_deform_attn_reference(inputs_ref[0], SHAPES, inputs_ref[1], inputs_ref[2])
-    assert out_fast.shape == (2, 3, 2 * 4)
-    assert out_fast.dtype == torch.float64
-    torch.testing.assert_close(out_fast, out_ref, rtol=0, atol=1e-10)
-
-    grad_out = torch.randn_like(out_fast)
-    grads_fast = torch.autograd.grad(out_fast, inputs_fast, grad_out)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
     grads_ref = torch.autograd.grad(out_ref, inputs_ref, grad_out)
-    for name, gf, gr in zip(("value", "sampling_locations", "attention_weights"), grads_fast, grads_ref):
-        torch.testing.assert_close(gf, gr, rtol=1e-8, atol=1e-10, msg=f"gradient w.r.t. {name}")
+    for name, g, gr in zip(("value", "sampling_locations", "attention_weights"), grads, grads_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-8, atol=1e-10, msg=f"gradient w.r.t. {name}")
+    return out
+
+
+def test_fast_path_matches_reference_values_and_grads():
+    out = _assert_matches_reference(multi_scale_deformable_attention)
+    assert out.shape == (2, 3, 2 * 4)
+    assert out.dtype == torch.float64
 
 
 def test_pixel_centre_convention_and_zero_padding():
@@ -170,24 +176,14 @@ def test_compiled_path_uses_the_opaque_op_with_reference_values_and_grads():
     # calls ATen's grid_sample backward; it must give the naive oracle's values and gradients
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    value, loc, weights = _random_case()
-    inputs_compiled = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
-    inputs_ref = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
     backend = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(multi_scale_deformable_attention, backend=backend, fullgraph=True)
     # the detector passes the level shapes as (h, w) pairs, not a tensor (no data-dependent sizes)
-    out = compiled(inputs_compiled[0], SHAPES.tolist(), inputs_compiled[1], inputs_compiled[2])
-    out_ref = ms_deform_attn_reference(inputs_ref[0], SHAPES, inputs_ref[1], inputs_ref[2])
+    _assert_matches_reference(compiled, SHAPES.tolist())
     assert backend.frame_count == 1
     graph_ops = {str(node.target) for graph in backend.graphs for node in graph.graph.nodes}
     assert "oddetr.bilinear_grid_sample.default" in graph_ops
     assert not any("grid_sampler" in op for op in graph_ops)
-    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs_compiled, grad_out)
-    grads_ref = torch.autograd.grad(out_ref, inputs_ref, grad_out)
-    for name, gc, gr in zip(("value", "sampling_locations", "attention_weights"), grads, grads_ref):
-        torch.testing.assert_close(gc, gr, rtol=1e-8, atol=1e-10, msg=f"gradient w.r.t. {name}")
 
 
 def test_opaque_grid_sample_op_registration():
