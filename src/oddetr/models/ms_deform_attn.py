@@ -31,8 +31,8 @@ SpatialShapes = Tensor | Sequence[Sequence[int]]
 
 
 # Under ``torch.compile`` Inductor would decompose ``grid_sample`` into gathers, which on CPU ran the
-# whole tiny model 1.37x slower than eager (benchmarks/compile_speed.py); kept as one opaque op that
-# calls ATen's kernels, the compiled model ran at 0.67x of eager. Eager code and export use F.grid_sample.
+# whole model 1.37x slower than eager; kept as one opaque op that calls ATen's kernels, the compiled
+# model ran at 0.67x of eager (docs/RESULTS.md, "torch.compile"). Eager code and export use F.grid_sample.
 @torch.library.custom_op("oddetr::bilinear_grid_sample", mutates_args=())
 def _opaque_grid_sample(value: Tensor, grid: Tensor) -> Tensor:
     """``F.grid_sample(value, grid)``, bilinear, zero padding, ``align_corners=False``.
