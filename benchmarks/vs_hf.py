@@ -5,6 +5,7 @@
     python benchmarks/vs_hf.py                         # tiny and r50
     python benchmarks/vs_hf.py --teacher-amp bf16      # also OD-DETR with its teacher pass in bf16
     python benchmarks/vs_hf.py --compile --compile-hf  # also both libraries under torch.compile (Inductor)
+    python benchmarks/vs_hf.py --device cuda --amp bf16  # on a GPU, both libraries under bf16 autocast
 
 Configs (the same in both libraries, random init, ResNet backbone frozen, 4 feature levels, box
 refinement, per-layer auxiliary losses, AdamW, gradient clipping 0.1, dropout 0):
@@ -17,7 +18,10 @@ adds its teacher pass, extra groups and EMA update: oddetr's own :class:`Guarded
 an eval-mode forward pass under ``torch.inference_mode`` (no post-processing). The three models of a
 config (HF, oddetr baseline, oddetr OD-DETR) are timed in ONE process with their steps interleaved,
 median over ``--steps``, so machine load hits them alike; peak memory is each case's peak RSS (CPU)
-in its own short subprocess (build, one warm-up step, one step). HF's backbone is its own
+in its own short subprocess (build, one warm-up step, one step); on a GPU, the peak of
+``torch.cuda.max_memory_allocated`` instead, and every timed step ends with a device synchronisation.
+``--amp bf16`` runs both libraries' training and inference under bf16 autocast (oddetr: ``train.amp=bf16``;
+its deformable attention and matching stay float32, as transformers' do). HF's backbone is its own
 ``ResNetConfig`` model (``use_timm_backbone=False``, ``use_pretrained_backbone=False``): no hub, no timm.
 """
 
@@ -34,6 +38,8 @@ import time
 import torch
 from bench_common import random_batch as random_boxes_batch
 
+from oddetr.engine.evaluate import autocast_context, move_batch
+
 CONFIGS = {
     "tiny": dict(backbone="resnet18", d_model=128, layers=3, queries=100, batch=4, size=256),
     "r50": dict(backbone="resnet50", d_model=256, layers=6, queries=300, batch=2, size=512),
@@ -43,9 +49,21 @@ BOXES = 10
 HEADS, FFN, LEVELS, POINTS = 8, 1024, 4, 4
 
 
-def random_batch(batch: int, size: int, seed: int = 0):
-    """images (B, 3, S, S), masks (B, S, S) True on padding, targets (labels (G,), boxes (G, 4) cxcywh)."""
-    return random_boxes_batch(batch, size, BOXES, NUM_CLASSES, seed)
+def random_batch(c: dict, seed: int = 0):
+    """images (B, 3, S, S), masks (B, S, S) True on padding, targets (labels (G,), boxes (G, 4) cxcywh),
+    on ``c["device"]``."""
+    images, masks, targets = random_boxes_batch(c["batch"], c["size"], BOXES, NUM_CLASSES, seed)
+    return move_batch(images, masks, targets, c["device"])
+
+
+def run_settings(config: str, device: str, amp: str) -> dict:
+    """The config's sizes plus where and in which precision both libraries run."""
+    return {**CONFIGS[config], "device": torch.device(device), "amp": amp}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class HFCase:
@@ -67,7 +85,8 @@ class HFCase:
             num_queries=c["queries"], with_box_refine=True, two_stage=False, auxiliary_loss=True,
             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, num_labels=NUM_CLASSES)
         torch.manual_seed(0)
-        self.model = transformers.DeformableDetrForObjectDetection(config).train()
+        self.model = transformers.DeformableDetrForObjectDetection(config).to(c["device"]).train()
+        self.autocast = lambda: autocast_context(c["device"], c["amp"])
         for p in self.model.model.backbone.parameters():
             p.requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -77,7 +96,8 @@ class HFCase:
 
     def train_step(self, images, masks, targets) -> None:
         labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
-        out = self.model(pixel_values=images, pixel_mask=(~masks).long(), labels=labels)
+        with self.autocast():
+            out = self.model(pixel_values=images, pixel_mask=(~masks).long(), labels=labels)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 0.1)
@@ -85,7 +105,7 @@ class HFCase:
 
     def infer(self, images, masks) -> None:
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             self.model(pixel_values=images, pixel_mask=(~masks).long())
         self.model.train()
 
@@ -110,15 +130,17 @@ class OddetrCase:
             f"model.enc_layers={layers}", f"model.dec_layers={layers}", f"model.dim_feedforward={FFN}",
             "model.dropout=0.0", f"model.num_feature_levels={LEVELS}", f"model.enc_points={POINTS}",
             f"model.dec_points={POINTS}", f"model.num_queries={c['queries']}", "model.box_refine=true",
-            "train.clip_grad=0.1", f"distill.enabled={str(distill).lower()}", *extra])
+            "train.clip_grad=0.1", f"train.amp={c['amp']}", f"distill.enabled={str(distill).lower()}", *extra])
         torch.manual_seed(0)
-        self.model = build_model(cfg.model, NUM_CLASSES).train()
+        device = c["device"]
+        self.model = build_model(cfg.model, NUM_CLASSES).to(device).train()
+        self.autocast = lambda: autocast_context(device, c["amp"])
         criterion = SetCriterion(cfg.loss)
         distiller = OnlineDistiller(self.model, cfg, criterion, total_steps=1000) if distill else None
         optimizer = build_optimizer(self.model, cfg)
         state = TrainState(self.model, optimizer, build_scheduler(optimizer, 1000, cfg),
-                           torch.amp.GradScaler("cpu", enabled=False), distiller, {})
-        self.step = GuardedStep(state, None, criterion, cfg.train, torch.device("cpu"))
+                           torch.amp.GradScaler(device.type, enabled=False), distiller, {})
+        self.step = GuardedStep(state, None, criterion, cfg.train, device)
         if compiled:  # as the trainer does with compile=true
             compile_detector(self.model, "inductor", "oddetr")
             if distiller is not None:
@@ -130,7 +152,7 @@ class OddetrCase:
 
     def infer(self, images, masks) -> None:
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             self.model(images, masks)
         self.model.train()
 
@@ -160,11 +182,10 @@ def case_names(teacher_amp: str = "none", compile_oddetr: bool = False, compile_
             *([f"oddetr{COMPILED}", f"OD-DETR{COMPILED}"] if compile_oddetr else [])]
 
 
-def timing(config: str, steps: int, warmup: int, names: list[str]) -> dict:
+def timing(c: dict, steps: int, warmup: int, names: list[str]) -> dict:
     """Median train-step and inference seconds of the cases, interleaved in this process (compiled cases
     compile during the warm-up)."""
-    c = CONFIGS[config]
-    images, masks, targets = random_batch(c["batch"], c["size"])
+    images, masks, targets = random_batch(c)
     cases = {name: make_case(name, c) for name in names}
     train = {n: [] for n in cases}
     infer = {n: [] for n in cases}
@@ -172,6 +193,7 @@ def timing(config: str, steps: int, warmup: int, names: list[str]) -> dict:
         for name, case in cases.items():
             t0 = time.perf_counter()
             case.train_step(images, masks, targets)
+            synchronize(c["device"])
             if i >= warmup:
                 train[name].append(time.perf_counter() - t0)
     for i in range(warmup + steps):
@@ -180,24 +202,28 @@ def timing(config: str, steps: int, warmup: int, names: list[str]) -> dict:
                 continue  # OD-DETR's variants deploy OD-DETR's model (compiled: the compiled baseline's)
             t0 = time.perf_counter()
             case.infer(images, masks)
+            synchronize(c["device"])
             if i >= warmup:
                 infer[name].append(time.perf_counter() - t0)
     return {"train": {n: statistics.median(v) for n, v in train.items()},
             "infer": {n: statistics.median(v) for n, v in infer.items() if v}}
 
 
-def memory(config: str, name: str) -> float:
-    """Peak RSS (MB) of one case: build, one warm-up step, one step (run in its own process)."""
-    c = CONFIGS[config]
-    images, masks, targets = random_batch(c["batch"], c["size"])
+def memory(c: dict, name: str) -> float:
+    """Peak MB of one case (run in its own process): build, one warm-up step, one step. CPU: peak RSS;
+    GPU: peak of the memory PyTorch allocated on the device."""
+    images, masks, targets = random_batch(c)
     case = make_case(name, c)
     for _ in range(2):
         case.train_step(images, masks, targets)
+    if c["device"].type == "cuda":
+        return torch.cuda.max_memory_allocated(c["device"]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(args: argparse.Namespace, payload: dict) -> dict:
-    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", json.dumps(payload)]
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--device", args.device, "--amp", args.amp,
+           "--child", json.dumps(payload)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{payload} failed:\n{out.stderr[-3000:]}")
@@ -215,18 +241,25 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time oddetr and OD-DETR with compile=true (torch.compile, Inductor)")
     parser.add_argument("--compile-hf", action="store_true", help="also time HF under torch.compile")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"],
+                        help="both libraries under this autocast (training and inference)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         p = json.loads(args.child)
+        c = run_settings(p["config"], args.device, args.amp)
         if p["kind"] == "timing":
-            print(json.dumps(timing(p["config"], p["steps"], p["warmup"], p["names"])))
+            print(json.dumps(timing(c, p["steps"], p["warmup"], p["names"])))
         else:
-            print(json.dumps({"peak_mb": memory(p["config"], p["case"])}))
+            print(json.dumps({"peak_mb": memory(c, p["case"])}))
         return
-    print(f"{args.threads} thread(s); train / inference: median of {args.steps} interleaved steps after "
-          f"{args.warmup} warm-up; peak RSS per case in its own process")
+    where = (f"{torch.cuda.get_device_name(args.device)}, amp {args.amp}" if args.device.startswith("cuda")
+             else f"CPU, {args.threads} thread(s), amp {args.amp}")
+    peak = "peak allocated GPU memory" if args.device.startswith("cuda") else "peak RSS"
+    print(f"{where}; train / inference: median of {args.steps} interleaved steps after "
+          f"{args.warmup} warm-up; {peak} per case in its own process")
     print("| config | HF train / infer | oddetr train / infer | oddetr / HF train, infer | "
           "OD-DETR train | OD-DETR / baseline step | peak MB HF / oddetr / OD-DETR | OD-DETR / baseline memory |")
     print("|---|---|---|---|---|---|---|---|")
