@@ -244,6 +244,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"],
                         help="both libraries under this autocast (training and inference)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure each case's peak memory in its own process (--no-memory: timings only)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -267,7 +269,8 @@ def main() -> None:
         names = case_names(args.teacher_amp, args.compile, args.compile_hf)
         t = child(args, {"kind": "timing", "config": config, "steps": args.steps, "warmup": args.warmup,
                          "names": names})
-        mem = {name: child(args, {"kind": "memory", "config": config, "case": name})["peak_mb"] for name in CASES}
+        mem = {name: child(args, {"kind": "memory", "config": config, "case": name})["peak_mb"] if args.memory
+               else float("nan") for name in CASES}
         tr, inf = t["train"], t["infer"]
         c = CONFIGS[config]
         label = (f"{c['backbone'].replace('resnet', 'R')}, d={c['d_model']}, {c['layers']}+{c['layers']} layers, "

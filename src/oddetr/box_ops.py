@@ -38,25 +38,25 @@ def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def paired_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """IoU of corresponding rows. boxes1, boxes2: (N, 4) xyxy -> (N,)."""
-    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
-    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    """IoU of corresponding boxes. boxes1, boxes2: (..., 4) xyxy -> (...)."""
+    lt = torch.max(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.min(boxes1[..., 2:], boxes2[..., 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(-1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(-1)
+    area1 = (boxes1[..., 2:] - boxes1[..., :2]).clamp(min=0).prod(-1)
+    area2 = (boxes2[..., 2:] - boxes2[..., :2]).clamp(min=0).prod(-1)
     return inter / (area1 + area2 - inter + eps)
 
 
 def paired_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Generalised IoU of corresponding rows. boxes1, boxes2: (N, 4) xyxy -> (N,) in [-1, 1]."""
-    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
-    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    """Generalised IoU of corresponding boxes. boxes1, boxes2: (..., 4) xyxy -> (...) in [-1, 1]."""
+    lt = torch.max(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.min(boxes1[..., 2:], boxes2[..., 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(-1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(-1)
+    area1 = (boxes1[..., 2:] - boxes1[..., :2]).clamp(min=0).prod(-1)
+    area2 = (boxes2[..., 2:] - boxes2[..., :2]).clamp(min=0).prod(-1)
     union = area1 + area2 - inter
     iou = inter / (union + eps)
-    enclose = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    enclose = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
     enclose_area = enclose.prod(-1)
     return iou - (enclose_area - union) / (enclose_area + eps)
 

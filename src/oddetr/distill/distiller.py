@@ -189,9 +189,8 @@ class OnlineDistiller:
         teacher_only = [teacher_only_pairs(s, t) for s, t in zip(own, teacher)]
         box_pairs = [union_unmatched(s, t, self.cfg.md_box) for s, t in zip(own, teacher)]
         source = self.cfg.md_target_box
-        sources = [[group.boxes[i]] if source == "student" else
-                   [teacher_boxes[i]] if source == "teacher" else [group.boxes[i], teacher_boxes[i]]
-                   for i in range(len(teacher))]
+        sources = [group.boxes] if source == "student" else [teacher_boxes] if source == "teacher" else \
+            [group.boxes, teacher_boxes]
         return self.criterion.group_losses(prefix, group.logits, group.boxes, targets, own, num_boxes,
                                            cls_loss=self.cfg.md_cls_loss, extra_cls=teacher_only,
                                            extra_box=box_pairs, extra_cls_boxes=sources)

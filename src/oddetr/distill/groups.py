@@ -58,32 +58,32 @@ def aux_group(teacher_main: GroupOutput, teacher_initial: QueryGroup, stages: Se
     """
     bsz, _, d = teacher_initial.content.shape
     device = teacher_initial.content.device
-    per_image: list[list[tuple[int, int, int]]] = [[] for _ in range(bsz)]  # (stage, query, gt)
-    for stage, sel in zip(stages, selections):
-        for b, idx in enumerate(sel):
-            for g in range(idx.shape[0]):
-                for q in idx[g].tolist():
-                    per_image[b].append((stage, q, g))
-    n = max(1, max(len(items) for items in per_image))
+    # per image the chosen (stage, query, GT) items, stage by stage, GT by GT: the queries stay on the
+    # device; stages and GT indices follow from the selections' shapes (no device -> host copy)
+    stage_ids, query_ids, gt_ids = [], [], []
+    for b in range(bsz):
+        stage_ids.append(torch.cat([torch.full((sel[b].numel(),), stage, dtype=torch.long)
+                                    for stage, sel in zip(stages, selections)]))
+        query_ids.append(torch.cat([sel[b].reshape(-1).to(device) for sel in selections]))
+        gt_ids.append(torch.cat([torch.arange(sel[b].shape[0]).repeat_interleave(sel[b].shape[1])
+                                 for sel in selections]))
+    n = max(1, max(len(g) for g in gt_ids))
     ref_dim = teacher_main.references[stages[0] + 1].shape[-1]
     content = torch.zeros(bsz, n, d, device=device, dtype=teacher_initial.content.dtype)
     reference = torch.full((bsz, n, ref_dim), 0.5, device=device, dtype=teacher_initial.reference.dtype)
     if ref_dim == 4:
         reference[..., 2:] = 0.1
     position = torch.zeros_like(content) if use_learned_position else None
+    after_stage = torch.stack(teacher_main.references[1:])  # (L, B, Q, R): the reference after each stage
     assignment: Assignment = []
-    for b, items in enumerate(per_image):
-        if items:
-            stage_t = torch.tensor([s for s, _, _ in items], device=device)
-            query_t = torch.tensor([q for _, q, _ in items], device=device)
-            hidden = teacher_main.hidden[stage_t, b, query_t]
-            refs = torch.stack([teacher_main.references[s + 1][b, q] for s, q, _ in items])
-            content[b, : len(items)] = hidden
-            reference[b, : len(items)] = refs.to(reference.dtype)
+    for b in range(bsz):
+        m = len(gt_ids[b])
+        if m:
+            stage_t, query_t = stage_ids[b].to(device, non_blocking=True), query_ids[b]
+            content[b, :m] = teacher_main.hidden[stage_t, b, query_t]
+            reference[b, :m] = after_stage[stage_t, b, query_t].to(reference.dtype)
             if position is not None:
-                position[b, : len(items)] = teacher_initial.position[b, query_t]
-        m = len(items)
-        assignment.append((torch.arange(m, dtype=torch.long),
-                           torch.tensor([g for _, _, g in items], dtype=torch.long)))
+                position[b, :m] = teacher_initial.position[b, query_t]
+        assignment.append((torch.arange(m, dtype=torch.long), gt_ids[b]))
     group = QueryGroup(content.detach(), None if position is None else position.detach(), reference.detach(), name)
     return AuxGroup(group, assignment, tuple(stages))

@@ -63,6 +63,14 @@ def shared_backbone_prefix(model: nn.Module, images: torch.Tensor) -> BackbonePr
         return backbone.frozen_prefix(images)
 
 
+def moving_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers a training forward pass can change: the running statistics of BatchNorm layers in
+    training mode that track them (frozen BatchNorm and eval-mode layers have none to save)."""
+    return [b for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+
 @dataclass
 class StepResult:
     """What one batch did. ``finite`` False: it was skipped on every rank (with its accumulation window)."""
@@ -92,7 +100,8 @@ class GuardedStep:
                  context: str) -> StepResult:
         """One batch (images: (B, 3, H, W); masks: (B, H, W)); ``window_end``: step the optimiser after it."""
         state = self.state
-        buffers = [b.detach().clone() for b in state.model.buffers()]
+        buffers = moving_buffers(state.model)
+        saved = [b.detach().clone() for b in buffers]
         sync = window_end or self.ddp is None
         with nullcontext() if sync else self.ddp.no_sync():  # DDP: forward and backward inside no_sync
             total, losses = self._forward(images, masks, targets, context)
@@ -103,8 +112,8 @@ class GuardedStep:
         if not finite:
             state.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for b, saved in zip(state.model.buffers(), buffers):
-                    b.copy_(saved)
+                for b, value in zip(buffers, saved):
+                    b.copy_(value)
             return StepResult(False)
         return StepResult(True, {**summarize_losses(losses), "loss": float(total.detach())})
 

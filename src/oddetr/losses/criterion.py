@@ -12,6 +12,7 @@ Loss dictionaries are flat, keyed ``"{group}/{term}/l{layer}"`` with ``term`` in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,27 +20,37 @@ from torchvision.ops import sigmoid_focal_loss
 
 from oddetr.box_ops import cxcywh_to_xyxy, paired_giou, paired_iou
 from oddetr.config import LossConfig
-from oddetr.losses.matcher import Assignment, HungarianMatcher
+from oddetr.losses.matcher import Assignment, HungarianMatcher, gt_offsets
 
 TERMS = ("cls", "l1", "giou")
 
 
-def quality_focal_loss(logits: torch.Tensor, soft_targets: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
-    """Summed QFL  -|y - p|^beta [y log p + (1 - y) log(1 - p)].  logits, soft_targets: same shape."""
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def quality_focal_loss(logits: torch.Tensor, soft_targets: torch.Tensor, beta: float = 2.0,
+                       reduction: str = "sum") -> torch.Tensor:
+    """QFL  -|y - p|^beta [y log p + (1 - y) log(1 - p)], summed (``reduction="sum"``) or element-wise
+    (``"none"``).  logits, soft_targets: same shape."""
     prob = logits.sigmoid()
     bce = F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none")
-    return (bce * (soft_targets - prob).abs().pow(beta)).sum()
+    return _reduce(bce * (soft_targets - prob).abs().pow(beta), reduction)
 
 
 def varifocal_loss(logits: torch.Tensor, soft_targets: torch.Tensor, alpha: float = 0.75,
-                   gamma: float = 2.0) -> torch.Tensor:
-    """Summed varifocal loss (VarifocalNet): positives (y > 0) weighted by their target y,
+                   gamma: float = 2.0, reduction: str = "sum") -> torch.Tensor:
+    """Varifocal loss (VarifocalNet), summed or element-wise: positives (y > 0) weighted by their target y,
     ``-y [y log p + (1 - y) log(1 - p)]``; negatives down-weighted, ``-alpha p^gamma log(1 - p)``.
     logits, soft_targets: same shape."""
     prob = logits.sigmoid()
     bce = F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none")
     weight = torch.where(soft_targets > 0, soft_targets, alpha * prob.detach().pow(gamma))
-    return (bce * weight).sum()
+    return _reduce(bce * weight, reduction)
 
 
 def teacher_only_pairs(student: Assignment, teacher: Assignment) -> Assignment:
@@ -52,14 +63,6 @@ def teacher_only_pairs(student: Assignment, teacher: Assignment) -> Assignment:
         else:
             out.append((tq, tg))
     return out
-
-
-def _concat(assignment: Assignment, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Assignment -> (batch idx, query idx, gt idx), each (M,) on ``device``."""
-    batch = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(assignment)])
-    query = torch.cat([q for q, _ in assignment])
-    gt = torch.cat([g for _, g in assignment])
-    return batch.to(device), query.to(device), gt.to(device)
 
 
 def union_unmatched(student: Assignment, teacher: Assignment, mode: str) -> Assignment:
@@ -85,34 +88,114 @@ def union_unmatched(student: Assignment, teacher: Assignment, mode: str) -> Assi
     return out
 
 
-def classification_targets(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
-                           assignments: Sequence[Assignment], soft: bool,
-                           box_sources: Sequence[Sequence[torch.Tensor] | None] | None = None) -> torch.Tensor:
-    """Targets (B, Q, C) for every assigned (query, GT) pair across ``assignments``.
+@dataclass
+class BatchGts:
+    """The batch's GTs concatenated: ``labels`` (sum G,), ``boxes`` (sum G, 4) cxcywh, and ``offsets``
+    (B + 1 ints): image b's GTs are rows ``offsets[b]:offsets[b + 1]``."""
 
-    Hard (focal): 1 at the GT's class. Soft (QFL, varifocal): max over the query's targets of the
-    IoU between a box and the GT box at the GT's class, 0 elsewhere. The box of a pair of
-    ``assignments[i]`` is the detached predicted box (``boxes``, (B, Q, 4) cxcywh) unless
-    ``box_sources[i]`` gives other (B, Q, 4) boxes (e.g. the teacher's), where the largest IoU
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    offsets: list[int]
+
+    @classmethod
+    def of(cls, targets: Sequence[dict]) -> BatchGts:
+        return cls(torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]),
+                   gt_offsets(targets))
+
+
+def pair_index(per_layer: Sequence[Assignment], offsets: Sequence[int], device: torch.device) -> torch.Tensor:
+    """One assignment per layer -> (4, M) int64 on ``device``: rows layer, image, query and GT (an index
+    into :class:`BatchGts`). Built on the host from the matcher's CPU tensors and sent in one
+    non-blocking copy: no device synchronisation."""
+    parts = [torch.stack([torch.full_like(q, layer), torch.full_like(q, b), q, g + offsets[b]])
+             for layer, assignment in enumerate(per_layer) for b, (q, g) in enumerate(assignment) if len(q)]
+    if not parts:
+        return torch.zeros(4, 0, dtype=torch.int64, device=device)
+    if len({p.device for p in parts}) > 1:  # some pieces already on the device (e.g. denoising's)
+        parts = [p.to(device, non_blocking=True) for p in parts]
+    return torch.cat(parts, 1).to(device, non_blocking=True)
+
+
+def layered_classification_targets(logits: torch.Tensor, boxes: torch.Tensor, gts: BatchGts,
+                                   assignments: Sequence[Sequence[Assignment]], soft: bool,
+                                   box_sources: Sequence[Sequence[torch.Tensor] | None] | None = None
+                                   ) -> torch.Tensor:
+    """Targets (L, B, Q, C) for every assigned (query, GT) pair of every layer across ``assignments``
+    (each one assignment per layer).
+
+    Hard (focal): 1 at the GT's class. Soft (QFL, varifocal): the largest, over the query's pairs at
+    that class, of the IoU between a box and the GT box; 0 elsewhere. The box of a pair of
+    ``assignments[i]`` is the detached predicted box (``boxes``, (L, B, Q, 4) cxcywh) unless
+    ``box_sources[i]`` gives other (L, B, Q, 4) boxes (e.g. the teacher's), where the largest IoU
     among them counts.
     """
     y = torch.zeros_like(logits, dtype=torch.float32)
-    for i, assignment in enumerate(assignments):
-        b, q, g = _concat(assignment, logits.device)
-        if len(b) == 0:
+    _, nb, nq, nc = logits.shape
+    flat_index, values = [], []
+    for i, per_layer in enumerate(assignments):
+        layer, b, q, g = pair_index(per_layer, gts.offsets, logits.device)
+        if len(g) == 0:
             continue
-        labels = torch.cat([targets[j]["labels"][gi.to(logits.device)] for j, (_, gi) in enumerate(assignment)])
+        labels = gts.labels[g]
+        flat_index.append(((layer * nb + b) * nq + q) * nc + labels)
         if soft:
-            gt_boxes = torch.cat([targets[j]["boxes"][gi.to(logits.device)] for j, (_, gi) in enumerate(assignment)])
-            gt_xyxy = cxcywh_to_xyxy(gt_boxes.float())
+            gt_xyxy = cxcywh_to_xyxy(gts.boxes[g].float())
             sources = box_sources[i] if box_sources is not None and box_sources[i] is not None else [boxes]
-            value = torch.stack([paired_iou(cxcywh_to_xyxy(src[b, q].detach().float()), gt_xyxy)
-                                 for src in sources]).amax(0).clamp(min=0.0)
-            current = y[b, q, labels]
-            y[b, q, labels] = torch.maximum(current, value)
+            values.append(torch.stack([paired_iou(cxcywh_to_xyxy(src[layer, b, q].detach().float()), gt_xyxy)
+                                       for src in sources]).amax(0).clamp(min=0.0))
         else:
-            y[b, q, labels] = 1.0
+            values.append(torch.ones_like(labels, dtype=torch.float32))
+    if flat_index:  # the largest value per (layer, image, query, class); y starts at 0
+        y.view(-1).scatter_reduce_(0, torch.cat(flat_index), torch.cat(values), "amax", include_self=True)
     return y
+
+
+def classification_targets(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
+                           assignments: Sequence[Assignment], soft: bool,
+                           box_sources: Sequence[Sequence[torch.Tensor] | None] | None = None) -> torch.Tensor:
+    """:func:`layered_classification_targets` of one layer: logits (B, Q, C), boxes and box sources
+    (B, Q, 4) -> targets (B, Q, C)."""
+    sources = None if box_sources is None else [None if s is None else [t[None] for t in s] for s in box_sources]
+    return layered_classification_targets(logits[None], boxes[None], BatchGts.of(targets),
+                                          [[a] for a in assignments], soft, sources)[0]
+
+
+def layered_set_losses(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
+                       cls_assignments: Sequence[Sequence[Assignment]], box_assignments: Sequence[Assignment],
+                       num_boxes: float, cls_loss: str = "focal", focal_alpha: float = 0.25,
+                       focal_gamma: float = 2.0, qfl_beta: float = 2.0,
+                       cls_box_sources: Sequence[Sequence[torch.Tensor] | None] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Unweighted ``cls``, ``l1``, ``giou`` of L layers at once, each (L,): summed per layer and divided by
+    ``num_boxes``.
+
+    logits: (L, B, Q, C); boxes: (L, B, Q, 4) cxcywh in [0, 1]; targets: per image ``labels`` (G,) and
+    ``boxes`` (G, 4) cxcywh. ``cls_assignments``: sets of positives, each one assignment per layer;
+    ``box_assignments``: per layer the pairs that get L1 + GIoU; ``cls_box_sources``: see
+    :func:`layered_classification_targets`. ``cls_loss``: ``focal``, ``qfl`` or ``varifocal``.
+    Every layer in one pass: a fixed number of kernels and no device synchronisation, however many
+    layers and images.
+    """
+    logits = logits.float()
+    boxes = boxes.float()
+    gts = BatchGts.of(targets)
+    y = layered_classification_targets(logits, boxes, gts, cls_assignments, soft=cls_loss != "focal",
+                                       box_sources=cls_box_sources)
+    if cls_loss == "qfl":
+        cls = quality_focal_loss(logits, y, qfl_beta, reduction="none")
+    elif cls_loss == "varifocal":
+        cls = varifocal_loss(logits, y, reduction="none")
+    elif cls_loss == "focal":
+        cls = sigmoid_focal_loss(logits, y, alpha=focal_alpha, gamma=focal_gamma, reduction="none")
+    else:
+        raise ValueError(f"unknown classification loss {cls_loss!r}")
+    layer, b, q, g = pair_index(box_assignments, gts.offsets, logits.device)
+    pred = boxes[layer, b, q]
+    gt = gts.boxes[g].float()
+    per_layer = boxes.new_zeros(logits.shape[0])  # the pairs' sums, layer by layer (0 for a layer without pairs)
+    l1 = per_layer.index_add(0, layer, (pred - gt).abs().sum(-1))
+    giou = per_layer.index_add(0, layer, 1 - paired_giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt)))
+    return {"cls": cls.flatten(1).sum(1) / num_boxes, "l1": l1 / num_boxes, "giou": giou / num_boxes}
 
 
 def set_losses(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict],
@@ -120,34 +203,13 @@ def set_losses(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict
                cls_loss: str = "focal", focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                qfl_beta: float = 2.0,
                cls_box_sources: Sequence[Sequence[torch.Tensor] | None] | None = None) -> dict[str, torch.Tensor]:
-    """Unweighted ``cls``, ``l1``, ``giou`` of one layer, each summed and divided by ``num_boxes``.
-
-    logits: (B, Q, C); boxes: (B, Q, 4) cxcywh in [0, 1]; targets: per image ``labels`` (G,) and
-    ``boxes`` (G, 4) cxcywh. ``cls_assignments``: the assignments whose pairs are positives;
-    ``box_assignment``: the pairs that get L1 + GIoU; ``cls_box_sources``: see
-    :func:`classification_targets`. ``cls_loss``: ``focal``, ``qfl`` or ``varifocal``.
-    """
-    logits = logits.float()
-    boxes = boxes.float()
-    y = classification_targets(logits, boxes, targets, cls_assignments, soft=cls_loss != "focal",
-                               box_sources=cls_box_sources)
-    if cls_loss == "qfl":
-        cls = quality_focal_loss(logits, y, qfl_beta)
-    elif cls_loss == "varifocal":
-        cls = varifocal_loss(logits, y)
-    elif cls_loss == "focal":
-        cls = sigmoid_focal_loss(logits, y, alpha=focal_alpha, gamma=focal_gamma, reduction="sum")
-    else:
-        raise ValueError(f"unknown classification loss {cls_loss!r}")
-    b, q, g = _concat(box_assignment, logits.device)
-    if len(b):
-        pred = boxes[b, q]
-        gt = torch.cat([targets[i]["boxes"][gi.to(logits.device)] for i, (_, gi) in enumerate(box_assignment)]).float()
-        l1 = F.l1_loss(pred, gt, reduction="sum")
-        giou = (1 - paired_giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt))).sum()
-    else:
-        l1 = giou = boxes.sum() * 0.0
-    return {"cls": cls / num_boxes, "l1": l1 / num_boxes, "giou": giou / num_boxes}
+    """:func:`layered_set_losses` of one layer: logits (B, Q, C), boxes and box sources (B, Q, 4) ->
+    scalar ``cls``, ``l1``, ``giou``."""
+    sources = None if cls_box_sources is None else [None if s is None else [t[None] for t in s]
+                                                    for s in cls_box_sources]
+    terms = layered_set_losses(logits[None], boxes[None], targets, [[a] for a in cls_assignments], [box_assignment],
+                               num_boxes, cls_loss, focal_alpha, focal_gamma, qfl_beta, sources)
+    return {term: value[0] for term, value in terms.items()}
 
 
 class SetCriterion:
@@ -176,26 +238,29 @@ class SetCriterion:
                      assignments: Sequence[Assignment], num_boxes: float, cls_loss: str | None = None,
                      extra_cls: Sequence[Assignment] | None = None,
                      extra_box: Sequence[Assignment] | None = None,
-                     extra_cls_boxes: Sequence[Sequence[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-        """Losses of every supervised layer of one group.
+                     extra_cls_boxes: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Losses of every supervised layer of one group, computed in one pass.
 
         logits: (L, B, Q, C); boxes: (L, B, Q, 4); assignments: one per layer (the pairs that are
         positives and regress boxes). ``extra_cls`` / ``extra_box``: per-layer extra pairs (the
-        teacher's matching in MD) that add positives / box targets. ``extra_cls_boxes``: per layer,
-        the (B, Q, 4) boxes whose IoU with the GT is the soft target of the ``extra_cls`` pairs
-        (the largest among them; default the predicted boxes).
+        teacher's matching in MD) that add positives / box targets. ``extra_cls_boxes``: (L, B, Q, 4)
+        boxes whose IoU with the GT is the soft target of the ``extra_cls`` pairs (the largest among
+        them; default the predicted boxes).
         """
         cfg = self.cfg
-        out: dict[str, torch.Tensor] = {}
-        for layer in self.layer_indices(logits.shape[0]):
-            cls_sets = [assignments[layer]] + ([extra_cls[layer]] if extra_cls is not None else [])
-            sources = None if extra_cls_boxes is None else [None, extra_cls_boxes[layer]]
-            box_pairs = extra_box[layer] if extra_box is not None else assignments[layer]
-            terms = set_losses(logits[layer], boxes[layer], targets, cls_sets, box_pairs, num_boxes,
-                               cls_loss or cfg.cls, cfg.focal_alpha, cfg.focal_gamma, cfg.qfl_beta, sources)
-            for term, value in terms.items():
-                out[f"{prefix}/{term}/l{layer}"] = value
-        return out
+        layers = self.layer_indices(logits.shape[0])
+        first = layers[0]  # the supervised layers are a suffix: all of them or the last
+
+        def supervised(per_layer: Sequence[Assignment]) -> list[Assignment]:
+            return [per_layer[layer] for layer in layers]
+
+        cls_sets = [supervised(assignments)] + ([supervised(extra_cls)] if extra_cls is not None else [])
+        sources = None if extra_cls_boxes is None else [None, [b[first:] for b in extra_cls_boxes]]
+        terms = layered_set_losses(logits[first:], boxes[first:], targets, cls_sets,
+                                   supervised(extra_box if extra_box is not None else assignments), num_boxes,
+                                   cls_loss or cfg.cls, cfg.focal_alpha, cfg.focal_gamma, cfg.qfl_beta, sources)
+        return {f"{prefix}/{term}/l{layer}": value[i] for i, layer in enumerate(layers)
+                for term, value in terms.items()}
 
     def total(self, losses: dict[str, torch.Tensor], group_weights: dict[str, float] | None = None) -> torch.Tensor:
         """Weighted sum: term weight (cls 1, L1 5, GIoU 2 by default) times the group's weight."""
@@ -214,10 +279,11 @@ class SetCriterion:
 
 
 def summarize_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per group and term, the sum over layers (unweighted), for logging."""
+    """Per group and term, the sum over layers (unweighted), for logging (one device -> host copy)."""
+    values = torch.stack([v.detach().float() for v in losses.values()]).tolist() if losses else []
     out: dict[str, float] = {}
-    for key, value in losses.items():
+    for key, value in zip(losses, values):
         group, term, _ = key.split("/")
         name = f"{group}/{term}"
-        out[name] = out.get(name, 0.0) + float(value.detach())
+        out[name] = out.get(name, 0.0) + value
     return out
