@@ -140,3 +140,22 @@ def test_a_single_nan_step_stops_training_when_the_limit_is_one(tmp_path: Path, 
     with pytest.raises(trainer_module.TrainingError, match=r"^training stopped at epoch 1 step 0: 1 non-finite"):
         trainer.fit()
     assert not (tmp_path / "run" / "last.pt").exists() and trainer.step == 0
+
+
+def test_only_the_statistics_a_forward_pass_can_move_are_saved_before_a_step() -> None:
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from oddetr.engine.step import moving_buffers
+
+    trained, frozen, in_eval = torch.nn.BatchNorm2d(3), FrozenBatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    no_stats = torch.nn.BatchNorm2d(3, track_running_stats=False)
+    model = torch.nn.Sequential(trained, frozen, in_eval, no_stats, torch.nn.Conv2d(3, 3, 1)).train()
+    in_eval.eval()
+    saved = moving_buffers(model)
+    assert [id(b) for b in saved] == [id(trained.running_mean), id(trained.running_var),
+                                      id(trained.num_batches_tracked)]
+    # oracle: the buffers that one training forward pass actually changes
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    model(torch.randn(2, 3, 4, 4))
+    changed = {name for name, b in model.named_buffers() if not torch.equal(b, before[name])}
+    assert changed == {"0.running_mean", "0.running_var", "0.num_batches_tracked"}

@@ -206,6 +206,60 @@ def test_group_losses_keys_layers_and_summary():
     assert sorted(out) == ["main/cls/l1", "main/giou/l1", "main/l1/l1"]
 
 
+def _random_assignment(gen, num_queries, targets):
+    """Per image a one-to-one random (query, GT) assignment over all of its GTs (possibly none)."""
+    out = []
+    for t in targets:
+        g = len(t["labels"])
+        out.append((torch.randperm(num_queries, generator=gen)[:g].sort().values, torch.randperm(g, generator=gen)))
+    return out
+
+
+@pytest.mark.parametrize("cls_loss", ["focal", "qfl", "varifocal"])
+@pytest.mark.parametrize("aux_layers", [True, False])
+def test_group_losses_of_all_layers_at_once_equal_each_layer_alone(cls_loss, aux_layers):
+    """Oracle: :func:`set_losses` on one layer (itself checked against torchvision's focal loss and GIoU
+    above), layer by layer, with per-layer assignments, extra positives, extra box pairs, teacher boxes
+    as soft-target sources, an image without GTs and a layer without pairs; values and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    layers, b, q, c = 3, 3, 6, 4
+    targets = [{"labels": torch.randint(0, c, (g,), generator=gen),
+                "boxes": torch.cat([torch.rand(g, 2, generator=gen) * 0.6 + 0.2,
+                                    torch.rand(g, 2, generator=gen) * 0.3 + 0.05], 1)} for g in (3, 0, 2)]
+    logits = (torch.randn(layers, b, q, c, generator=gen) * 2).requires_grad_()
+    boxes = torch.cat([torch.rand(layers, b, q, 2, generator=gen) * 0.6 + 0.2,
+                       torch.rand(layers, b, q, 2, generator=gen) * 0.3 + 0.05], -1).requires_grad_()
+    teacher_boxes = boxes.detach() + 0.03 * torch.randn(layers, b, q, 4, generator=gen)
+    own = [_random_assignment(gen, q, targets) for _ in range(layers)]
+    own[1] = [(_t(), _t()) for _ in targets]  # a layer where the student matched nothing
+    teacher = [_random_assignment(gen, q, targets) for _ in range(layers)]
+    boxes_pairs = [union_unmatched(s, t, "unmatched_only") for s, t in zip(own, teacher)]
+    criterion = SetCriterion(LossConfig(aux_layers=aux_layers))
+    out = criterion.group_losses("md", logits, boxes, targets, own, 2.5, cls_loss=cls_loss, extra_cls=teacher,
+                                 extra_box=boxes_pairs, extra_cls_boxes=[boxes, teacher_boxes])
+    supervised = range(layers) if aux_layers else [layers - 1]
+    assert sorted(out) == sorted(f"md/{t}/l{i}" for t in ("cls", "l1", "giou") for i in supervised)
+    grads = torch.autograd.grad(sum(out.values()), [logits, boxes])
+    expected = {}
+    for i in supervised:
+        one = set_losses(logits[i], boxes[i], targets, [own[i], teacher[i]], boxes_pairs[i], 2.5, cls_loss,
+                         cls_box_sources=[None, [boxes[i], teacher_boxes[i]]])
+        expected.update({f"md/{term}/l{i}": value for term, value in one.items()})
+    expected_grads = torch.autograd.grad(sum(expected.values()), [logits, boxes])
+    for key, value in expected.items():
+        torch.testing.assert_close(out[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert float(out[f"md/l1/l{layers - 1}"].detach()) > 0
+    assert not aux_layers or float(out["md/giou/l1"].detach()) > 0
+
+
+def test_summarize_losses_sums_layers_and_passes_the_total_through():
+    losses = {"main/cls/l0": torch.tensor(1.0), "main/cls/l1": torch.tensor(2.0), "pd/l1/l0": torch.tensor(0.5),
+              "loss": torch.tensor(7.0)}
+    assert summarize_losses(losses) == {"main/cls": 3.0, "pd/l1": 0.5, "loss": 7.0}
+
+
 def test_match_layers_context_names_the_layer():
     logits = torch.zeros(2, 1, 3, 2)
     logits[1, 0, 1, 0] = math.nan

@@ -31,7 +31,7 @@ def pd_box_selection(teacher_logits: torch.Tensor, assignments: Sequence[Assignm
         if assignments is None:
             raise ValueError(f"distill.pd_box_queries={queries} needs the teacher's matching")
         layer, b, q, _ = pair_index(assignments, [0] * (bsz + 1), keep.device)
-        keep[layer, b, q] = True
+        keep.index_put_((layer, b, q), keep.new_ones(()))  # a device scalar: no host -> device copy
     if queries in ("confident", "matched_or_confident"):
         keep |= teacher_logits.detach().float().sigmoid().max(-1).values >= threshold
     elif queries != "matched":
@@ -70,7 +70,7 @@ def prediction_distillation_losses(student: GroupOutput, teacher: GroupOutput, n
     ``teacher_assignments[layer]``), with :func:`pd_box_terms`, divided by their count. All the
     layers in one pass, without a device synchronisation.
     """
-    index = torch.tensor(layers, device=student.logits.device)
+    index = torch.tensor(layers).to(student.logits.device, non_blocking=True)
     s_logits = student.logits.index_select(0, index).float()
     s_boxes = student.boxes.index_select(0, index).float()
     t_logits = teacher.logits.detach().index_select(0, index).float()

@@ -115,7 +115,7 @@ class GuardedStep:
                 for b, value in zip(buffers, saved):
                     b.copy_(value)
             return StepResult(False)
-        return StepResult(True, {**summarize_losses(losses), "loss": float(total.detach())})
+        return StepResult(True, summarize_losses({**losses, "loss": total}))
 
     def _forward(self, images, masks, targets, context) -> tuple[torch.Tensor | None, dict]:
         """The weighted total (None if not finite on some rank) and the loss dict."""

@@ -190,7 +190,10 @@ def layered_set_losses(logits: torch.Tensor, boxes: torch.Tensor, targets: Seque
     else:
         raise ValueError(f"unknown classification loss {cls_loss!r}")
     layer, b, q, g = pair_index(box_assignments, gts.offsets, logits.device)
-    pred = boxes[layer, b, q]
+    _, nb, nq, _ = boxes.shape
+    # index_select, not boxes[layer, b, q]: its backward is an index_add; advanced indexing's backward
+    # (a sorting index_put_) is the likely source of the backward's GPU syncs that the probe counted
+    pred = boxes.reshape(-1, 4).index_select(0, (layer * nb + b) * nq + q)
     gt = gts.boxes[g].float()
     per_layer = boxes.new_zeros(logits.shape[0])  # the pairs' sums, layer by layer (0 for a layer without pairs)
     l1 = per_layer.index_add(0, layer, (pred - gt).abs().sum(-1))
@@ -279,11 +282,11 @@ class SetCriterion:
 
 
 def summarize_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per group and term, the sum over layers (unweighted), for logging (one device -> host copy)."""
+    """Per group and term, the sum over layers (unweighted), for logging, in one device -> host copy.
+    A key without ``/`` (e.g. the weighted total ``loss``) is passed through."""
     values = torch.stack([v.detach().float() for v in losses.values()]).tolist() if losses else []
     out: dict[str, float] = {}
     for key, value in zip(losses, values):
-        group, term, _ = key.split("/")
-        name = f"{group}/{term}"
+        name = "/".join(key.split("/")[:2]) if "/" in key else key
         out[name] = out.get(name, 0.0) + value
     return out
