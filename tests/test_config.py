@@ -171,3 +171,12 @@ def test_round_trip_through_dict_and_yaml(overrides):
     # the run directory's config.yaml round trip too
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
     assert dataclasses.asdict(again) == cfg.to_dict()
+
+
+def test_none_on_the_command_line_selects_a_literal_none_choice() -> None:
+    """``train.amp=none`` parses as YAML's null; keys whose choices include "none" take it as that choice."""
+    cfg = resolve_config(overrides=["train.amp=none", "distill.teacher_amp=None"])
+    assert cfg.train.amp == "none" and cfg.distill.teacher_amp == "none"
+    assert resolve_config(overrides=["train.amp=bf16"]).train.amp == "bf16"
+    with pytest.raises(ConfigError, match="train.amp"):
+        resolve_config(overrides=["train.amp=fp8"])

@@ -395,6 +395,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}' got {value!r}, expected {_type_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)
+        if value is None and "none" in choices:  # key=none on the command line parses as YAML's null
+            return "none"
         if value not in choices:
             raise ConfigError(f"config key '{key}' got {value!r}, expected one of {list(choices)}")
         return value
