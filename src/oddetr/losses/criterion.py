@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
@@ -105,15 +106,22 @@ class BatchGts:
 
 def pair_index(per_layer: Sequence[Assignment], offsets: Sequence[int], device: torch.device) -> torch.Tensor:
     """One assignment per layer -> (4, M) int64 on ``device``: rows layer, image, query and GT (an index
-    into :class:`BatchGts`). Built on the host from the matcher's CPU tensors and sent in one
-    non-blocking copy: no device synchronisation."""
-    parts = [torch.stack([torch.full_like(q, layer), torch.full_like(q, b), q, g + offsets[b]])
-             for layer, assignment in enumerate(per_layer) for b, (q, g) in enumerate(assignment) if len(q)]
-    if not parts:
+    into :class:`BatchGts`). Built on the host from the matcher's CPU tensors (in numpy: a few calls
+    however many layers and images) and sent in one non-blocking copy: no device synchronisation."""
+    pieces = [(layer, b, q, g) for layer, assignment in enumerate(per_layer) for b, (q, g) in enumerate(assignment)
+              if len(q)]
+    if not pieces:
         return torch.zeros(4, 0, dtype=torch.int64, device=device)
-    if len({p.device for p in parts}) > 1:  # some pieces already on the device (e.g. denoising's)
-        parts = [p.to(device, non_blocking=True) for p in parts]
-    return torch.cat(parts, 1).to(device, non_blocking=True)
+    if any(q.device.type != "cpu" or g.device.type != "cpu" for _, _, q, g in pieces):  # e.g. denoising's
+        parts = [torch.stack([torch.full_like(q, layer), torch.full_like(q, b), q, g + offsets[b]]).to(
+            device, non_blocking=True) for layer, b, q, g in pieces]
+        return torch.cat(parts, 1)
+    counts = [len(q) for _, _, q, _ in pieces]
+    index = np.stack([np.repeat(np.array([p[0] for p in pieces], dtype=np.int64), counts),
+                      np.repeat(np.array([p[1] for p in pieces], dtype=np.int64), counts),
+                      np.concatenate([q.numpy() for _, _, q, _ in pieces]),
+                      np.concatenate([g.numpy() + offsets[b] for _, b, _, g in pieces])])
+    return torch.from_numpy(index).to(device, non_blocking=True)
 
 
 def layered_classification_targets(logits: torch.Tensor, boxes: torch.Tensor, gts: BatchGts,

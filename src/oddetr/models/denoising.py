@@ -87,7 +87,7 @@ def build_denoising_groups(targets: Sequence[dict], num_classes: int, label_embe
     size = 2 * pad
     n = k * size
     labels = torch.full((bsz, n), -1, dtype=torch.long, device=device)
-    boxes = torch.tensor(PAD_BOX, device=device).repeat(bsz, n, 1)
+    boxes = torch.tensor(PAD_BOX).to(device, non_blocking=True).repeat(bsz, n, 1)  # no host-device sync
     positive = torch.zeros(bsz, n, dtype=torch.bool, device=device)
     valid = torch.zeros(bsz, n, dtype=torch.bool, device=device)
     assignment = []
