@@ -81,9 +81,7 @@ def test_a_gpu_run_follows_the_cpu_run(runs) -> None:
     assert cuda[0] == pytest.approx(cpu[0], rel=1e-4)  # same weights, same batch: the forward pass
     # later steps add the updates' rounding (AdamW's first steps are about lr * sign(gradient))
     assert cuda == pytest.approx(cpu, rel=2e-2)
-    teacher = safe_load(runs / "cuda" / "last.pt")["teacher"]
-    assert teacher["step"] == 6
-    assert all(t.device.type == "cpu" for t in teacher["model"].values())  # checkpoints load anywhere
+    assert safe_load(runs / "cuda" / "last.pt")["teacher"]["step"] == 6
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
