@@ -11,8 +11,10 @@ from torchvision.ops import sigmoid_focal_loss
 from oddetr.config import LossConfig
 from oddetr.errors import TrainingError
 from oddetr.losses.criterion import (
+    BatchGts,
     SetCriterion,
     classification_targets,
+    pair_index,
     quality_focal_loss,
     set_losses,
     summarize_losses,
@@ -252,6 +254,19 @@ def test_group_losses_of_all_layers_at_once_equal_each_layer_alone(cls_loss, aux
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert float(out[f"md/l1/l{layers - 1}"].detach()) > 0
     assert not aux_layers or float(out["md/giou/l1"].detach()) > 0
+
+
+def test_pair_index_lists_every_pair_with_its_layer_image_and_batch_gt_row():
+    gen = torch.Generator().manual_seed(2)
+    targets = [{"labels": _t(*range(g)), "boxes": torch.rand(g, 4, generator=gen)} for g in (2, 0, 3)]
+    per_layer = [_random_assignment(gen, 7, targets) for _ in range(3)]
+    gts = BatchGts.of(targets)
+    index = pair_index(per_layer, gts.offsets, torch.device("cpu"))
+    expected = [(layer, b, int(q), int(g) + gts.offsets[b]) for layer, assignment in enumerate(per_layer)
+                for b, (qs, gs) in enumerate(assignment) for q, g in zip(qs, gs)]
+    assert index.dtype == torch.int64 and [tuple(col) for col in index.t().tolist()] == expected
+    assert gts.offsets == [0, 2, 2, 5] and len(gts.labels) == len(gts.boxes) == 5
+    assert pair_index([[(_t(), _t())] * 3], gts.offsets, torch.device("cpu")).shape == (4, 0)
 
 
 def test_summarize_losses_sums_layers_and_passes_the_total_through():
