@@ -36,7 +36,7 @@ SpatialShapes = Tensor | Sequence[Sequence[int]]
 @torch.library.custom_op("oddetr::bilinear_grid_sample", mutates_args=())
 def _opaque_grid_sample(value: Tensor, grid: Tensor) -> Tensor:
     """``F.grid_sample(value, grid)``, bilinear, zero padding, ``align_corners=False``.
-    value (N, C, h, w), grid (N, Q, P, 2) in [-1, 1] -> (N, C, Q, P)."""
+    value (N, C, h, w), grid (N, P, Q, 2) in [-1, 1] -> (N, C, P, Q)."""
     return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -62,7 +62,7 @@ _opaque_grid_sample.register_autograd(_grid_sample_backward, setup_context=_save
 
 def bilinear_grid_sample(value: Tensor, grid: Tensor) -> Tensor:
     """Bilinear ``grid_sample`` (zero padding, ``align_corners=False``): value (N, C, h, w), grid
-    (N, Q, P, 2) in [-1, 1] -> (N, C, Q, P). An opaque op while ``torch.compile`` traces (not exports)."""
+    (N, P, Q, 2) in [-1, 1] -> (N, C, P, Q). An opaque op while ``torch.compile`` traces (not exports)."""
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return _opaque_grid_sample(value, grid)
     return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -140,11 +140,13 @@ def multi_scale_deformable_attention(
     with torch.autocast(device_type=value.device.type, enabled=False):
         value = value.to(compute_dtype)
         grids = 2.0 * sampling_locations.to(compute_dtype) - 1.0  # (B, Q, H, L, P, 2)
-        weights = attention_weights.to(compute_dtype)
-        # (B, Q, H, L, P) -> (B*H, 1, Q, L, P), matching the sampled layout below
-        weights = weights.transpose(1, 2).reshape(b * n_heads, 1, q, n_levels, n_points)
+        # Layout: points before queries, (B*H, ..., P, Q), so that the weighted sum over P runs along
+        # contiguous rows of Q values (1.3x faster forward on CPU than (.., Q, P), bit-identical).
+        # (B, Q, H, L, P) -> (B*H, L, 1, P, Q)
+        weights = attention_weights.to(compute_dtype).permute(0, 2, 3, 4, 1).reshape(
+            b * n_heads, n_levels, 1, n_points, q)
 
-        # each level's samples are weighted and summed as they come: no (B*H, Dh, Q, L*P) concatenation
+        # each level's samples are weighted and summed as they come: no (B*H, Dh, L*P, Q) concatenation
         # (1.5x faster forward + backward on CPU than concatenating the levels first)
         out = None
         for level, (h, w), value_l in zip(
@@ -152,11 +154,11 @@ def multi_scale_deformable_attention(
         ):
             # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
             value_l = value_l.flatten(2).transpose(1, 2).reshape(b * n_heads, dh, h, w)
-            # (B, Q, H, P, 2) -> (B*H, Q, P, 2)
-            grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-            # (B*H, Dh, Q, P), weighted sum over P -> (B*H, Dh, Q)
+            # (B, Q, H, P, 2) -> (B*H, P, Q, 2)
+            grid_l = grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(b * n_heads, n_points, q, 2)
+            # (B*H, Dh, P, Q), weighted sum over P -> (B*H, Dh, Q)
             sampled = bilinear_grid_sample(value_l, grid_l)
-            term = (sampled * weights[:, :, :, level]).sum(-1)
+            term = (sampled * weights[:, level]).sum(2)
             out = term if out is None else out + term
         out = out.view(b, n_heads * dh, q).transpose(1, 2).contiguous()
     return out.to(out_dtype)
@@ -290,21 +292,31 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
         value = value.view(b, s, self.n_heads, self.d_model // self.n_heads)
 
-        offsets = self.sampling_offsets(query).view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(b, q, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(b, q, self.n_heads, self.n_levels, self.n_points)
+        n_heads, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
+        # (B, Q, H, L*P*2): per head, each level's points' (x, y) offsets
+        offsets = self.sampling_offsets(query).view(b, q, n_heads, n_levels * n_points * 2)
+        weights = self.attention_weights(query).view(b, q, n_heads, n_levels * n_points)
+        weights = weights.softmax(-1).view(b, q, n_heads, n_levels, n_points)
 
-        ref = reference_points[:, :, None, :, None, :]  # (B, Q, 1, L, 1, 2|4)
+        # The locations are formed in this flat layout, the reference repeated over points once and
+        # broadcast over heads only: broadcasting (B, Q, 1, L, 1, 2) against (B, Q, H, L, P, 2) runs an
+        # inner loop of 2 elements and cost 10x more on CPU (same values).
+        def per_point(ref: Tensor) -> Tensor:  # (B, Q, L, 2) -> (B, Q, 1, L*P*2)
+            return ref[:, :, :, None, :].expand(b, q, n_levels, n_points, 2).reshape(b, q, 1, -1)
+
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (w_l, h_l)
-            # (L, 2), made on the host and sent without waiting for the device (a GPU sync per layer otherwise)
+            # made on the host and sent without waiting for the device (a GPU sync per layer otherwise)
             normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype).to(
                 offsets.device, non_blocking=True)
-            locations = ref + offsets / normalizer[None, None, None, :, None, :]
+            normalizer = normalizer[None, :, None, :].expand(n_heads, n_levels, n_points, 2).reshape(n_heads, -1)
+            locations = per_point(reference_points) + offsets / normalizer
         elif reference_points.shape[-1] == 4:
-            locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
+            locations = per_point(reference_points[..., :2]) + offsets / n_points * per_point(
+                reference_points[..., 2:]) * 0.5
         else:
             raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
+        locations = locations.view(b, q, n_heads, n_levels, n_points, 2)
 
         out = multi_scale_deformable_attention(value, shapes, locations, weights)
         return self.output_proj(out)

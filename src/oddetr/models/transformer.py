@@ -15,18 +15,31 @@ from oddetr.models.ms_deform_attn import MSDeformAttn, SpatialShapes, shapes_as_
 from oddetr.models.outputs import GroupOutput, Memory, QueryGroup
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity()`` at p = 0: in training mode a zero-rate dropout still
+    copies its input (an extra pass over every FFN activation, forward and backward)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class FeedForward(nn.Module):
     """Post-norm FFN block: x + dropout(W2 relu(W1 x)), then LayerNorm. x: (B, N, d)."""
 
     def __init__(self, d_model: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        # (a Sequential for its state-dict keys net.0 / net.3; forward below applies it step by step)
+        self.net = nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.ReLU(), dropout_layer(dropout),
                                  nn.Linear(dim_feedforward, d_model))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.dropout(self.net(x)))
+        linear1, _, dropout, linear2 = self.net
+        hidden = linear1(x)  # (B, N, F)
+        # In place only where no graph is recorded: on a graph, an in-place ReLU of the linear layer's
+        # (viewed) output makes autograd copy the whole (B, N, F) activation back through the view
+        # (CopySlices), 1.2x slower forward + backward on CPU; without a graph it saves a pass.
+        hidden = torch.relu_(hidden) if not hidden.requires_grad else torch.relu(hidden)
+        return self.norm(x + self.dropout(linear2(dropout(hidden))))
 
 
 class EncoderLayer(nn.Module):
@@ -36,7 +49,7 @@ class EncoderLayer(nn.Module):
                  dropout: float) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, nheads, n_points)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout)
 
@@ -88,10 +101,10 @@ class DecoderLayer(nn.Module):
                  dropout: float) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = dropout_layer(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = MSDeformAttn(d_model, n_levels, nheads, n_points)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = dropout_layer(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout)
 
