@@ -25,7 +25,7 @@ def digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for key, value in sorted(module.state_dict().items()):
         h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(value.detach().cpu().flatten().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
