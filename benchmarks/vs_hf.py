@@ -6,6 +6,7 @@
     python benchmarks/vs_hf.py --teacher-amp bf16      # also OD-DETR with its teacher pass in bf16
     python benchmarks/vs_hf.py --compile --compile-hf  # also both libraries under torch.compile (Inductor)
     python benchmarks/vs_hf.py --device cuda --amp bf16  # on a GPU, both libraries under bf16 autocast
+    python benchmarks/vs_hf.py --keep-freed-memory       # both with malloc keeping freed memory (as oddetr's trainer)
 
 Configs (the same in both libraries, random init, ResNet backbone frozen, 4 feature levels, box
 refinement, per-layer auxiliary losses, AdamW, gradient clipping 0.1, dropout 0):
@@ -38,6 +39,7 @@ import time
 import torch
 from bench_common import random_batch as random_boxes_batch
 
+from oddetr.engine.cpu_memory import keep_freed_memory
 from oddetr.engine.evaluate import autocast_context, move_batch
 
 CONFIGS = {
@@ -223,7 +225,7 @@ def memory(c: dict, name: str) -> float:
 
 def child(args: argparse.Namespace, payload: dict) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--device", args.device, "--amp", args.amp,
-           "--child", json.dumps(payload)]
+           *(["--keep-freed-memory"] if args.keep_freed_memory else []), "--child", json.dumps(payload)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{payload} failed:\n{out.stderr[-3000:]}")
@@ -246,9 +248,14 @@ def main() -> None:
                         help="both libraries under this autocast (training and inference)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure each case's peak memory in its own process (--no-memory: timings only)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="both libraries' processes with glibc malloc set to keep freed memory, as oddetr's "
+                             "trainer sets it on CPU (train.keep_freed_memory); default: the system's settings")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: this C library is not glibc")
     if args.child:
         p = json.loads(args.child)
         c = run_settings(p["config"], args.device, args.amp)
@@ -260,8 +267,9 @@ def main() -> None:
     where = (f"{torch.cuda.get_device_name(args.device)}, amp {args.amp}" if args.device.startswith("cuda")
              else f"CPU, {args.threads} thread(s), amp {args.amp}")
     peak = "peak allocated GPU memory" if args.device.startswith("cuda") else "peak RSS"
+    allocator = "malloc keeping freed memory" if args.keep_freed_memory else "the system's malloc settings"
     print(f"{where}; train / inference: median of {args.steps} interleaved steps after "
-          f"{args.warmup} warm-up; {peak} per case in its own process")
+          f"{args.warmup} warm-up; {peak} per case in its own process; {allocator}")
     print("| config | HF train / infer | oddetr train / infer | oddetr / HF train, infer | "
           "OD-DETR train | OD-DETR / baseline step | peak MB HF / oddetr / OD-DETR | OD-DETR / baseline memory |")
     print("|---|---|---|---|---|---|---|---|")

@@ -200,6 +200,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     instability_probe: int = 256
     log_steps: bool = False  # write steps.jsonl: every optimiser step's loss (mean over ranks) and lr
+    # on a CPU device, set glibc malloc to keep freed memory for reuse instead of page-faulting large
+    # buffers back in every step (oddetr.engine.cpu_memory; 1.6x faster R50 steps); resident memory
+    # then stays at its peak
+    keep_freed_memory: bool = True
 
 
 @dataclass
