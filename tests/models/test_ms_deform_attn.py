@@ -70,6 +70,28 @@ def test_gradcheck_fast_path():
     )
 
 
+def test_cpu_fused_paths_equal_the_plain_ops(monkeypatch):
+    # on CPU the core runs as a fused autograd Function (training) or an in-place loop (no graph); the
+    # plain ops that compile, export and GPUs use must give the same values and gradients
+    value, loc, weights = _random_case(points=3)
+
+    def run(**flags):
+        inputs = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
+        out = multi_scale_deformable_attention(inputs[0], SHAPES, inputs[1], inputs[2])
+        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+        with torch.no_grad():
+            no_graph = multi_scale_deformable_attention(value, SHAPES, loc, weights)
+        return out.detach(), grads, no_graph
+
+    fused = run()
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)  # selects the plain ops
+    plain = run()
+    torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(fused[2], plain[2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(fused[0], fused[2], rtol=0, atol=0)  # with and without a graph: identical
+    for g, gp in zip(fused[1], plain[1]):
+        torch.testing.assert_close(g, gp, rtol=1e-10, atol=1e-12)
+
 def test_float32_and_low_precision_inputs():
     value, loc, weights = _random_case()
     ref = multi_scale_deformable_attention(value, SHAPES, loc, weights)

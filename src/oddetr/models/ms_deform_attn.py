@@ -148,7 +148,10 @@ def multi_scale_deformable_attention(
             n, n_levels, n_points, q, 2)
         # (B, Q, H, L, P) -> (B*H, L, P, Q)
         weights = attention_weights.to(compute_dtype).permute(0, 2, 3, 4, 1).reshape(n, n_levels, n_points, q)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # the fused paths avoid fresh CPU buffers; on a GPU (a caching allocator, launch-bound at these
+        # sizes) their per-point loops would only add kernels, so it keeps the plain ops
+        if (value_t.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export()):
             out = _sample_and_weigh_traceable(value_t, grids, weights, shapes)
         elif torch.is_grad_enabled() and any(t.requires_grad for t in (value_t, grids, weights)):
             out = _SampleAndWeigh.apply(value_t, grids, weights, tuple(shapes))
