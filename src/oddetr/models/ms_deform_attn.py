@@ -3,6 +3,9 @@
 The fast path, :func:`multi_scale_deformable_attention`, samples every level with
 ``F.grid_sample`` and works on CPU and GPU alike (no custom CUDA op to build).
 :func:`ms_deform_attn_reference` is a naive explicit loop used as the test oracle.
+On a CPU in eager mode the fast path runs as :class:`_SampleAndWeigh`, an autograd Function with a
+hand-written backward that allocates fewer large buffers; GPUs, ``torch.compile`` and export run the
+same computation as plain ops (:func:`_sample_and_weigh_traceable`).
 
 Conventions shared by both functions:
 
