@@ -1,13 +1,15 @@
 """Deformable encoder and decoder; the decoder runs any number of query groups at once.
 
-Groups are concatenated along the query axis. Self-attention is masked block-diagonally so a
-query attends only within its group; cross-attention, weights and box refinement are shared.
-Heads are passed to :meth:`DeformableDecoder.forward`, never stored on the decoder.
+Groups are concatenated along the query axis. Self-attention runs within each group only (a
+query never sees another group's queries; block-diagonal, computed group by group rather than
+masked); cross-attention, weights and box refinement are shared. Heads are passed to
+:meth:`DeformableDecoder.forward`, never stored on the decoder.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from oddetr.box_ops import inverse_sigmoid
@@ -109,10 +111,10 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(d_model, dim_feedforward, dropout)
 
     def forward(self, tgt: torch.Tensor, pos: torch.Tensor, reference_chunks: list[torch.Tensor],
-                memory: Memory, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """tgt, pos: (B, Q, d); reference_chunks: consecutive (B, Q_i, L, 2|4) summing to Q -> (B, Q, d)."""
-        q = k = tgt + pos
-        attn = self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
+                memory: Memory, group_sizes: list[int]) -> torch.Tensor:
+        """tgt, pos: (B, Q, d); reference_chunks: consecutive (B, Q_i, L, 2|4) summing to Q;
+        group_sizes: queries per group, summing to Q (self-attention stays within a group) -> (B, Q, d)."""
+        attn = grouped_self_attention(self.self_attn, tgt + pos, tgt, group_sizes)
         tgt = self.norm1(tgt + self.dropout1(attn))
         query = tgt + pos
         outs, start = [], 0
@@ -126,8 +128,59 @@ class DecoderLayer(nn.Module):
         return self.ffn(tgt)
 
 
+def attention_blocks(sizes: list[int]) -> list[tuple[int, int]]:
+    """Runs of neighbouring groups of equal size, as (number of groups, queries per group).
+
+    Each run's groups are attended to as one batch of independent sequences, e.g.
+    [100, 100, 20, 20, 20] -> [(2, 100), (3, 20)].
+    """
+    blocks: list[tuple[int, int]] = []
+    for n in sizes:
+        if blocks and blocks[-1][1] == n:
+            blocks[-1] = (blocks[-1][0] + 1, n)
+        else:
+            blocks.append((1, n))
+    return blocks
+
+
+def grouped_self_attention(attn: nn.MultiheadAttention, qk_input: torch.Tensor, value_input: torch.Tensor,
+                           group_sizes: list[int]) -> torch.Tensor:
+    """``attn``'s multi-head attention (its weights, dropout and scaling) with every query attending only
+    to the queries of its own group: the same function as ``attn(qk_input, qk_input, value_input,
+    attn_mask=group_attention_mask(group_sizes))``, without the masked (Q, Q) score matrix.
+
+    Neighbouring groups of equal size are stacked as extra sequences of one batched attention
+    (see :func:`attention_blocks`), so the work is sum_g Q_g^2 rather than Q^2: with OD-DETR's PD and
+    AUX groups beside the main ones (e.g. 100 + 100 + 3 x 20 queries) that is 3.2x less.
+
+    qk_input: (B, Q, d) queries and keys before projection (content + position);
+    value_input: (B, Q, d); group_sizes: summing to Q -> (B, Q, d).
+    """
+    b, total, d = value_input.shape
+    if sum(group_sizes) != total:
+        raise ValueError(f"group sizes {group_sizes} do not sum to the {total} queries")
+    heads = attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    qk = F.linear(qk_input, weight[:2 * d], None if bias is None else bias[:2 * d])  # (B, Q, 2d)
+    v = F.linear(value_input, weight[2 * d:], None if bias is None else bias[2 * d:])  # (B, Q, d)
+    dropout = attn.dropout if attn.training else 0.0
+    outs, start = [], 0
+    for count, n in attention_blocks(group_sizes):
+        end = start + count * n
+        # (B, count, n, 2, H, Dh) -> (2, B, count, H, n, Dh): one attention per (image, group, head)
+        qk_run = qk[:, start:end].reshape(b, count, n, 2, heads, d // heads).permute(3, 0, 1, 4, 2, 5)
+        v_run = v[:, start:end].reshape(b, count, n, heads, d // heads).transpose(2, 3)
+        q_run, k_run = (t.reshape(b * count, heads, n, d // heads) for t in qk_run)
+        out = F.scaled_dot_product_attention(q_run, k_run, v_run.reshape(b * count, heads, n, d // heads),
+                                             dropout_p=dropout)  # (B * count, H, n, Dh)
+        outs.append(out.reshape(b, count, heads, n, d // heads).transpose(2, 3).reshape(b, end - start, d))
+        start = end
+    return attn.out_proj(outs[0] if len(outs) == 1 else torch.cat(outs, 1))
+
+
 def group_attention_mask(sizes: list[int], device: torch.device) -> torch.Tensor | None:
-    """Block-diagonal self-attention mask. sizes: queries per group -> (Q, Q) bool, True = blocked."""
+    """Block-diagonal self-attention mask (what :func:`grouped_self_attention` computes without it).
+    sizes: queries per group -> (Q, Q) bool, True = blocked; None for a single group."""
     if len(sizes) <= 1:
         return None
     total = sum(sizes)
@@ -175,7 +228,6 @@ class DeformableDecoder(nn.Module):
         are processed together, so many small groups (denoising) cost little.
         """
         sizes = [g.size for g in groups]
-        attn_mask = group_attention_mask(sizes, groups[0].content.device)
         tgt = torch.cat([g.content for g in groups], 1)
         for g in groups:
             if g.position is None and position_head is None:
@@ -190,7 +242,7 @@ class DeformableDecoder(nn.Module):
             run_refs = [_cat(refs[a:b]) for a, b in runs]
             pos = _cat([self._position(groups[a:b], r, position_head) for (a, b), r in zip(runs, run_refs)])
             chunks = _merge_chunks([_scale_reference(r, ratios) for r in run_refs])
-            tgt = layer(tgt, pos, chunks, memory, attn_mask)
+            tgt = layer(tgt, pos, chunks, memory, sizes)
             all_logits.append(class_heads[lvl](tgt))
             delta = bbox_heads[lvl](tgt)
             lft = self.look_forward_twice and self.box_refine and lvl > 0
