@@ -81,8 +81,10 @@ class Regime:
         ]
 
 
-# headline: a regime where the baseline is a detector (AP >= 0.30); parts: a cheaper one for the ablations
-HEADLINE = Regime("headline", image_size=96, num_train=512, num_val=128, max_objects=8, epochs=16, eval_every=2)
+# headline: a regime where the baseline is a detector (AP >= 0.30); parts: a cheaper one for the ablations.
+# Both evaluate every epoch: "reaches the baseline's final AP in <= 60% of the steps" needs that resolution
+# (at 2 epochs, 50% and 62% were the only readings around the target).
+HEADLINE = Regime("headline", image_size=96, num_train=512, num_val=128, max_objects=8, epochs=16)
 CHEAP = Regime("cheap", image_size=64, num_train=256, num_val=64, max_objects=6, epochs=10)
 
 
