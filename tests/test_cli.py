@@ -100,10 +100,15 @@ def test_train_voc(tmp_path, voc_data, tiny_keys, capsys):
     assert "run directory" in out and "student" in out
 
 
-def test_eval_prints_one_json_line_equal_to_the_training_metrics(coco_run, capsys):
+def test_eval_prints_one_json_line_equal_to_the_training_metrics(coco_run, capsys, monkeypatch):
+    from oddetr.engine import cpu_memory
+
     data, run = coco_run
     capsys.readouterr()
+    calls = []
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append(1) or True)
     assert main(["eval", f"checkpoint={run / 'last.pt'}", *data.keys(("val",))]) == 0
+    assert calls == [1]  # on a CPU, eval keeps freed memory as training does (train.keep_freed_memory)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
     result = json.loads(lines[-1])
     assert list(result) == METRICS

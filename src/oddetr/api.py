@@ -25,6 +25,7 @@ from oddetr.config import Config, _merge, eval_image_size, load_preset, resolve_
 from oddetr.data.collate import collate_detection
 from oddetr.data.images import load_image
 from oddetr.data.transforms import build_transforms
+from oddetr.engine.cpu_memory import keep_freed_memory_on_cpu
 from oddetr.engine.device import resolve_device
 from oddetr.engine.inference import LoadedModel, load_checkpoint_model
 from oddetr.errors import ConfigError, DataError
@@ -66,6 +67,8 @@ class Detector:
         self.label_to_cat_id = list(label_to_cat_id) if label_to_cat_id is not None else \
             list(range(1, len(self.class_names) + 1))
         self.device = resolve_device(config.device) if device is None else torch.device(device)
+        # on a CPU, glibc malloc keeps freed memory for reuse (process-wide; train.keep_freed_memory=false: off)
+        keep_freed_memory_on_cpu(self.device, config.train.keep_freed_memory)
         self.model = model.to(self.device).eval()
         size, max_size = eval_image_size(config)  # the checkpoint's data.image_size unless overridden
         self.transform = build_transforms(train=False, scales=[size], max_size=max_size)

@@ -100,6 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from oddetr.engine.compiled import compile_detector
+    from oddetr.engine.cpu_memory import keep_freed_memory_on_cpu
     from oddetr.engine.data import build_dataset, make_loader
     from oddetr.engine.eval_report import default_eval_dir, prepare_eval_dir, write_eval_outputs
     from oddetr.engine.evaluate import gather_detections
@@ -117,6 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "data": dataclasses.asdict(cfg.data.val)}
     prepare_eval_dir(out, manifest, _flag(own, "overwrite"))
     device = resolve_device(cfg.device)
+    keep_freed_memory_on_cpu(device, cfg.train.keep_freed_memory)
     loaded.model.to(device)
     if cfg.compile:
         compile_detector(loaded.model, cfg.compile_backend)

@@ -45,3 +45,22 @@ def test_large_buffers_come_from_the_heap_and_stay_there():
     assert kept["applied"] is True
     assert kept["mmapped_alive"] < 64 * MIB
     assert kept["free_in_heap_after"] >= 64 * MIB
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_inference_entry_points_keep_freed_memory_on_cpu_as_configured(monkeypatch, enabled):
+    """The Python API's Detector (and so ``oddetr predict``) follows ``train.keep_freed_memory`` on a CPU,
+    as the trainer does (``oddetr eval``: tests/test_cli.py); a GPU device never changes malloc."""
+    import torch
+
+    from oddetr.api import Detector
+    from oddetr.engine import cpu_memory
+
+    calls = []
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    small = {"d_model": 32, "enc_layers": 1, "dec_layers": 1, "num_queries": 5, "dim_feedforward": 32,
+             "train.keep_freed_memory": enabled}
+    Detector.from_preset("deformable-detr-tiny", num_classes=2, device="cpu", **small)
+    assert calls == ([1] if enabled else [])
+    assert cpu_memory.keep_freed_memory_on_cpu(torch.device("cuda"), True) is False
+    assert calls == ([1] if enabled else [])

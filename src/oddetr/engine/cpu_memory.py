@@ -6,12 +6,19 @@ so every step page-faults those buffers back in: at the R50 config of ``benchmar
 was about 40% of a step (docs/RESULTS.md). :func:`keep_freed_memory` sets ``malloc`` to serve every
 block from the heap and to keep freed memory for reuse, as jemalloc or tcmalloc would. The process's
 resident memory then stays at its peak instead of shrinking between steps.
+
+Inference gains too: run alone in a process, the tiny config of ``benchmarks/vs_hf.py`` page-faulted
+about 100-150 MiB per forward pass with the system's settings. :func:`keep_freed_memory_on_cpu` is what
+the trainer, ``oddetr eval``/``predict`` and :class:`oddetr.api.Detector` call (config key
+``train.keep_freed_memory``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+
+import torch
 
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -45,3 +52,9 @@ def keep_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in (
         (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
     return _applied
+
+
+def keep_freed_memory_on_cpu(device: torch.device, enabled: bool) -> bool:
+    """:func:`keep_freed_memory` when ``device`` is a CPU and ``enabled`` (``train.keep_freed_memory``);
+    returns whether the setting is in force."""
+    return device.type == "cpu" and enabled and keep_freed_memory()

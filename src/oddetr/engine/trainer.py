@@ -24,7 +24,7 @@ from oddetr.engine.checkpoint import (
     seed_everything,
 )
 from oddetr.engine.compiled import compile_detector
-from oddetr.engine.cpu_memory import keep_freed_memory
+from oddetr.engine.cpu_memory import keep_freed_memory_on_cpu
 from oddetr.engine.data import build_dataset, check_same_categories, make_loader
 from oddetr.engine.device import resolve_device  # re-exported: older code imports it from here
 from oddetr.engine.evaluate import evaluate, move_batch, probe_assignment
@@ -50,8 +50,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        if self.device.type == "cpu" and cfg.train.keep_freed_memory:
-            keep_freed_memory()
+        keep_freed_memory_on_cpu(self.device, cfg.train.keep_freed_memory)
         dist.init_distributed(self.device)
         self.is_main = dist.is_main_process()
         seed_everything(cfg.seed + dist.rank())
