@@ -5,6 +5,7 @@ torch imports through ``cProfile``.)
 
     OMP_NUM_THREADS=1 python benchmarks/profile_steps.py                          # deformable-detr-tiny, 128 px, batch 8
     python benchmarks/profile_steps.py --preset deformable-detr-r50 --size 512 --batch 2 --steps 2
+    python benchmarks/profile_steps.py --vs-hf-config tiny --threads 2    # the model and batch of vs_hf.py's tiny
 
 A step is the trainer's own :class:`~oddetr.engine.step.GuardedStep` (teacher pass if distilling,
 student forward, Hungarian matching, losses, backward, clip + AdamW, EMA) on one fixed batch of random
@@ -56,7 +57,19 @@ def phase_times(prof: profile) -> dict[str, float]:
     return out
 
 
+def apply_vs_hf_config(args: argparse.Namespace) -> None:
+    """``--vs-hf-config NAME``: the model, batch and overrides of that config of ``benchmarks/vs_hf.py``."""
+    import vs_hf
+
+    c = vs_hf.CONFIGS[args.vs_hf_config]
+    args.preset = vs_hf.PRESET.split("=", 1)[1]
+    args.size, args.batch, args.boxes, args.classes = c["size"], c["batch"], vs_hf.BOXES, vs_hf.NUM_CLASSES
+    args.override = [*vs_hf.oddetr_overrides(c), *args.override]
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.vs_hf_config:
+        apply_vs_hf_config(args)
     torch.set_num_threads(args.threads)
     cases = {"baseline": build_step(args.preset, False, args.classes, args.override)[0],
              "OD-DETR": build_step(args.preset, True, args.classes, args.override)[0]}
@@ -89,6 +102,8 @@ def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_arguments(parser)
+    parser.add_argument("--vs-hf-config", choices=["tiny", "r50"],
+                        help="profile that config of benchmarks/vs_hf.py (sets preset, size, batch, boxes, classes)")
     run(parser.parse_args())
 
 

@@ -51,6 +51,20 @@ BOXES = 10
 HEADS, FFN, LEVELS, POINTS = 8, 1024, 4, 4
 
 
+PRESET = "model=deformable-detr-r50"  # oddetr's side starts from this preset, changed by oddetr_overrides
+
+
+def oddetr_overrides(c: dict) -> list[str]:
+    """The config keys that give oddetr the same model and training as transformers' side of config ``c``."""
+    layers = c["layers"]
+    return [
+        f"model.backbone.name={c['backbone']}", "model.backbone.trainable_layers=0", "model.backbone.norm=frozen_bn",
+        f"model.d_model={c['d_model']}", f"model.nheads={HEADS}", f"model.enc_layers={layers}",
+        f"model.dec_layers={layers}", f"model.dim_feedforward={FFN}", "model.dropout=0.0",
+        f"model.num_feature_levels={LEVELS}", f"model.enc_points={POINTS}", f"model.dec_points={POINTS}",
+        f"model.num_queries={c['queries']}", "model.box_refine=true", "train.clip_grad=0.1"]
+
+
 def random_batch(c: dict, seed: int = 0):
     """images (B, 3, S, S), masks (B, S, S) True on padding, targets (labels (G,), boxes (G, 4) cxcywh),
     on ``c["device"]``."""
@@ -125,14 +139,8 @@ class OddetrCase:
         from oddetr.losses.criterion import SetCriterion
         from oddetr.models.detector import build_model
 
-        layers = c["layers"]
-        cfg = resolve_config(overrides=[
-            "model=deformable-detr-r50", f"model.backbone.name={c['backbone']}", "model.backbone.trainable_layers=0",
-            "model.backbone.norm=frozen_bn", f"model.d_model={c['d_model']}", f"model.nheads={HEADS}",
-            f"model.enc_layers={layers}", f"model.dec_layers={layers}", f"model.dim_feedforward={FFN}",
-            "model.dropout=0.0", f"model.num_feature_levels={LEVELS}", f"model.enc_points={POINTS}",
-            f"model.dec_points={POINTS}", f"model.num_queries={c['queries']}", "model.box_refine=true",
-            "train.clip_grad=0.1", f"train.amp={c['amp']}", f"distill.enabled={str(distill).lower()}", *extra])
+        cfg = resolve_config(overrides=[PRESET, *oddetr_overrides(c), f"train.amp={c['amp']}",
+                                        f"distill.enabled={str(distill).lower()}", *extra])
         torch.manual_seed(0)
         device = c["device"]
         self.model = build_model(cfg.model, NUM_CLASSES).to(device).train()
