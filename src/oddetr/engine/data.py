@@ -73,6 +73,8 @@ def check_same_categories(train_set: Dataset, val_set: Dataset) -> None:
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
                 sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False) -> DataLoader:
+    if num_workers > 0:
+        _stop_workers_at_exit()
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
@@ -81,15 +83,67 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
                       worker_init_fn=_seed_worker)
 
 
+_EXIT_HOOK_REGISTERED = False
+
+
+def _stop_workers_at_exit() -> None:
+    """Register (once) :func:`_kill_loader_workers` to run at interpreter exit.
+
+    At exit, ``multiprocessing`` sends SIGTERM to its daemonic children and waits for them. Our loader
+    workers ignore SIGTERM (:func:`_seed_worker`), so a worker whose iterator is still referenced then
+    (by an exception's traceback after a failed epoch, a preempted run, a notebook variable) would make
+    the process wait for it forever. ``atexit`` runs handlers last-registered first, so this one runs
+    before ``multiprocessing``'s (registered when torch imported it)."""
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        import atexit
+
+        atexit.register(_kill_loader_workers)
+        _EXIT_HOOK_REGISTERED = True
+
+
+def _kill_loader_workers() -> None:
+    """SIGKILL the daemonic child processes still alive that ignore SIGTERM: our loader workers, which
+    hold no state to save."""
+    import multiprocessing
+    import signal
+
+    workers = [c for c in multiprocessing.active_children() if c.daemon and _ignores_sigterm(c.pid)]
+    if not workers:
+        return
+    # torch's SIGCHLD handler would report each killed worker as a failure: the process is exiting
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+        child.join(timeout=10)
+
+
+def _ignores_sigterm(pid: int | None) -> bool:
+    """Whether process ``pid`` ignores SIGTERM (Linux: the ``SigIgn`` mask in ``/proc/PID/status``)."""
+    import signal
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
 def _seed_worker(worker_id: int) -> None:
     import random
     import signal
+    import sys
 
     import numpy as np
 
     # a scheduler's SIGTERM reaches every process of the job: the main process saves and then shuts the
-    # workers down; a worker dying of it first would fail the batch the checkpoint waits for
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # workers down; a worker dying of it first would fail the batch the checkpoint waits for. (Linux only,
+    # where _kill_loader_workers can tell these workers apart at exit: elsewhere SIGTERM keeps its default.)
+    if sys.platform.startswith("linux"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
