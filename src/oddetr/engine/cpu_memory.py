@@ -8,7 +8,7 @@ block from the heap and to keep freed memory for reuse, as jemalloc or tcmalloc 
 resident memory then stays at its peak instead of shrinking between steps.
 
 Inference gains too: run alone in a process, the tiny config of ``benchmarks/vs_hf.py`` page-faulted
-about 100-150 MiB per forward pass with the system's settings. :func:`keep_freed_memory_on_cpu` is what
+about 90-210 MiB per forward pass with the system's settings (R50: 1.4 GiB). :func:`keep_freed_memory_on_cpu` is what
 the trainer, ``oddetr eval``/``predict`` and :class:`oddetr.api.Detector` call (config key
 ``train.keep_freed_memory``).
 """
