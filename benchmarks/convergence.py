@@ -3,6 +3,7 @@
     python benchmarks/convergence.py --part headline    # deformable-detr-tiny: baseline, extra group, OD-DETR
     python benchmarks/convergence.py --part parts       # MD, PD, AUX alone, the pairs, full without mdpd
     python benchmarks/convergence.py --part dab-dino    # DAB and DINO tiny: baseline and OD-DETR
+    python benchmarks/convergence.py --part pretrained  # the headline from a pretrained backbone, step schedule
     python benchmarks/convergence.py --part headline --seeds 0 --epochs 2 --out /tmp/conv   # a quick look
 
 Each part is meant to run in one sitting (about an hour on 2 cores) and writes its own results into
@@ -62,6 +63,10 @@ class Regime:
     epochs: int
     batch_size: int = 8
     eval_every: int = 1  # student and teacher AP every this many epochs (instability: every epoch, whatever this is)
+    dataset: str = ""  # the synthetic set's cache name (default: the regime's name)
+    extra: tuple[str, ...] = ()  # further overrides of every run of the regime (schedule, backbone)
+    # start every run from a ResNet-18 pretrained on another synthetic set (pretrained_backbone())
+    pretrained_backbone: bool = False
 
     def steps(self, epochs: int | None = None) -> int:
         return (epochs or self.epochs) * (self.num_train // self.batch_size)
@@ -77,8 +82,11 @@ class Regime:
             "data.num_workers=0", f"train.batch_size={self.batch_size}", "train.warmup_steps=50",
             f"train.eval_every={self.eval_every}",
             "train.instability_probe=64", "eval.batch_size=32", "train.keep_checkpoints=0", "train.save_best=false",
-            f"distill.ema_decay={1 - 1 / horizon:.6f}", f"distill.ema_tau={horizon}",
+            *self.extra, f"distill.ema_decay={1 - 1 / horizon:.6f}", f"distill.ema_tau={horizon}",
         ]
+
+    def data_root(self) -> Path:
+        return Path(f"~/.cache/oddetr/synthetic-bench-{self.dataset or self.name}").expanduser()
 
 
 # headline: a regime where the baseline is a detector (AP >= 0.30); parts: a cheaper one for the ablations.
@@ -86,6 +94,14 @@ class Regime:
 # (at 2 epochs, 50% and 62% were the only readings around the target).
 HEADLINE = Regime("headline", image_size=96, num_train=512, num_val=128, max_objects=8, epochs=16)
 CHEAP = Regime("cheap", image_size=64, num_train=256, num_val=64, max_objects=6, epochs=10)
+# The headline's data and budget as users train: an ImageNet-style start (a ResNet-18 pretrained elsewhere,
+# frozen BatchNorm, stem and first stage frozen, backbone LR x0.1, DETR's defaults for pretrained weights) and
+# the official step schedule (LR /10 at 87.5% of the run). Pretraining: the headline's baseline trained on
+# another synthetic set (data seed 1), its ResNet-18 kept; no image of the benchmark's splits is seen.
+PRETRAINED = Regime("pretrained", image_size=96, num_train=512, num_val=128, max_objects=8, epochs=16,
+                    dataset="headline", pretrained_backbone=True,
+                    extra=("train.schedule=step", "train.lr_drop_epochs=[14]", "model.backbone.norm=frozen_bn",
+                           "model.backbone.trainable_layers=3", "model.backbone.lr_mult=0.1"))
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,38 @@ PARTS: dict[str, Part] = {
     "parts": Part(("deformable-detr-tiny",), ("baseline", "MD", "PD", "AUX", "MD+AUX", "PD+AUX",
                                               "OD-DETR w/o mdpd", "OD-DETR"), CHEAP),
     "dab-dino": Part(("dab-deformable-detr-tiny", "dino-tiny"), ("baseline", "OD-DETR"), HEADLINE),
+    "pretrained": Part(("deformable-detr-tiny",), ("baseline", "extra group, no teacher", "OD-DETR"), PRETRAINED),
 }
+
+
+def pretrained_backbone(runs_root: Path, threads: int) -> Path:
+    """A ResNet-18 state dict (torchvision keys) from the headline's baseline trained on another synthetic set.
+
+    Trained once (about 16 epochs of one run) and cached under ``runs_root/pretraining/``.
+    """
+    import torch
+
+    folder = runs_root / "pretraining"
+    weights = folder / "resnet18-synthetic-seed1.pth"
+    if weights.is_file():
+        return weights
+    run_dir = folder / "run"
+    cmd = [sys.executable, "-m", "oddetr", "train", "model=deformable-detr-tiny", f"output={run_dir}",
+           "overwrite=true", "seed=0", f"train.epochs={HEADLINE.epochs}",
+           f"data.synthetic.root={HEADLINE.data_root()}-pretraining", *HEADLINE.overrides(),
+           "data.synthetic.seed=1", "distill.enabled=false"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"backbone pretraining failed:\n{proc.stderr[-2000:]}")
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
+    body = {k.removeprefix("backbone.body."): v for k, v in state.items() if k.startswith("backbone.body.")}
+    tmp = weights.with_suffix(".tmp")
+    torch.save(body, tmp)
+    tmp.replace(weights)
+    print(f"pretrained backbone: {weights} (final AP of its run: {read_metrics(str(run_dir))[-1].get('student/AP')})",
+          flush=True)
+    return weights
 
 
 def run_one(model: str, variant: str, seed: int, regime: Regime, epochs: int, runs_root: Path, threads: int,
@@ -111,7 +158,7 @@ def run_one(model: str, variant: str, seed: int, regime: Regime, epochs: int, ru
     record = {"model": model, "variant": variant, "seed": seed, "dir": str(run_dir)}
     if metrics.is_file() and len(metrics.read_text().splitlines()) >= epochs:
         return {**record, "cached": True}
-    data_root = Path(f"~/.cache/oddetr/synthetic-bench-{regime.name}").expanduser()
+    data_root = regime.data_root()
     cmd = [sys.executable, "-m", "oddetr", "train", f"model={model}", f"output={run_dir}", "overwrite=true",
            f"seed={seed}", f"train.epochs={epochs}", f"data.synthetic.root={data_root}",
            *regime.overrides(epochs), *VARIANTS[variant], *extra]
@@ -265,7 +312,10 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
              f"Part `{part}`, regime `{regime.name}`: synthetic shapes {regime.image_size} px, "
              f"{regime.num_train} train / {regime.num_val} val images, 1 to {regime.max_objects} objects, "
              f"6 classes; batch {regime.batch_size}, {epochs} epochs ({regime.steps(epochs)} optimiser steps); "
-             f"EMA and warm-up: `{' '.join(regime.overrides(epochs)[-2:])}`.",
+             f"EMA and warm-up: `{' '.join(regime.overrides(epochs)[-2:])}`"
+             + (f"; also `{' '.join(regime.extra)}`" if regime.extra else "")
+             + ("; backbone pretrained on another synthetic set (`pretrained_backbone()`)"
+                if regime.pretrained_backbone else "") + ".",
              f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), wall time {elapsed / 60:.1f} min.",
              "Final AP: mean ± std over seeds at the last epoch (synthetic val split). Epochs to baseline: first "
              "epoch where the mean curve reaches the baseline student's final mean AP (student / teacher). "
@@ -328,8 +378,12 @@ def main() -> None:
         parser.error(f"--models: {', '.join(unknown)} not in part {args.part!r} ({', '.join(part.models)})")
     jobs = [(m, v, s) for s in args.seeds for m in models for v in variants]
     start = time.time()
+    overrides = list(args.overrides)
+    if part.regime.pretrained_backbone:
+        weights = pretrained_backbone(Path(args.runs), threads * args.jobs)
+        overrides.insert(0, f"model.backbone.weights={weights.resolve()}")
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda j: run_one(*j, part.regime, epochs, Path(args.runs), threads, args.overrides),
+        runs = list(pool.map(lambda j: run_one(*j, part.regime, epochs, Path(args.runs), threads, overrides),
                              jobs))
     elapsed = time.time() - start
     summary = summarize(runs, epochs)
