@@ -64,7 +64,8 @@ class Regime:
     batch_size: int = 8
     eval_every: int = 1  # student and teacher AP every this many epochs (instability: every epoch, whatever this is)
     dataset: str = ""  # the synthetic set's cache name (default: the regime's name)
-    extra: tuple[str, ...] = ()  # further overrides of every run of the regime (schedule, backbone)
+    extra: tuple[str, ...] = ()  # further overrides of every run of the regime (backbone)
+    lr_drop_at: float | None = None  # a step schedule, LR /10 at this fraction of the epochs (None: the preset's)
     # start every run from a ResNet-18 pretrained on another synthetic set (pretrained_backbone())
     pretrained_backbone: bool = False
 
@@ -82,8 +83,13 @@ class Regime:
             "data.num_workers=0", f"train.batch_size={self.batch_size}", "train.warmup_steps=50",
             f"train.eval_every={self.eval_every}",
             "train.instability_probe=64", "eval.batch_size=32", "train.keep_checkpoints=0", "train.save_best=false",
-            *self.extra, f"distill.ema_decay={1 - 1 / horizon:.6f}", f"distill.ema_tau={horizon}",
+            *self.extra, *self.schedule(epochs), f"distill.ema_decay={1 - 1 / horizon:.6f}", f"distill.ema_tau={horizon}",
         ]
+
+    def schedule(self, epochs: int | None = None) -> list[str]:
+        if self.lr_drop_at is None:
+            return []
+        return ["train.schedule=step", f"train.lr_drop_epochs=[{round(self.lr_drop_at * (epochs or self.epochs))}]"]
 
     def data_root(self) -> Path:
         return Path(f"~/.cache/oddetr/synthetic-bench-{self.dataset or self.name}").expanduser()
@@ -99,8 +105,8 @@ CHEAP = Regime("cheap", image_size=64, num_train=256, num_val=64, max_objects=6,
 # the official step schedule (LR /10 at 87.5% of the run). Pretraining: the headline's baseline trained on
 # another synthetic set (data seed 1), its ResNet-18 kept; no image of the benchmark's splits is seen.
 PRETRAINED = Regime("pretrained", image_size=96, num_train=512, num_val=128, max_objects=8, epochs=16,
-                    dataset="headline", pretrained_backbone=True,
-                    extra=("train.schedule=step", "train.lr_drop_epochs=[14]", "model.backbone.norm=frozen_bn",
+                    dataset="headline", pretrained_backbone=True, lr_drop_at=0.875,
+                    extra=("model.backbone.norm=frozen_bn",
                            "model.backbone.trainable_layers=3", "model.backbone.lr_mult=0.1"))
 
 
@@ -304,8 +310,30 @@ def check_targets(part: str, table: dict, epochs: int) -> list[str]:
     return lines
 
 
+def check_shorter_budget(table: dict, epochs: int, reference: dict) -> list[str]:
+    """The 60%-of-steps target read as a user trains: every row here ran a shorter schedule (``epochs``) than
+    ``reference`` (a convergence.json of the same part at its full budget); each row's final AP against the
+    reference baseline's final AP."""
+    lines = []
+    ref_epochs = reference["epochs"]
+    for (model, variant), row in table.items():
+        base = reference["table"].get(f"{model}|baseline")
+        if base is None:
+            continue
+        target, frac = base["student_final_ap"][0], epochs / ref_epochs
+        for who in ("student", "teacher"):
+            got = row[f"{who}_final_ap"][0]
+            if got != got:
+                continue
+            ok = got >= target and frac <= 0.6
+            lines.append(f"- {model} {variant} ({who}): {epochs} epochs ({frac:.0%} of the steps) against the "
+                         f"baseline's final AP after {ref_epochs}: {got:.3f} vs {target:.3f} "
+                         f"({(got - target) * 100:+.1f} AP) {'**met**' if ok else '**missed**'}")
+    return lines
+
+
 def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[int], regime: Regime,
-                 command: str, elapsed: float) -> None:
+                 command: str, elapsed: float, reference: dict | None = None) -> None:
     from oddetr.evaluation.plots import plot_curves
 
     lines = [f"Command: `{command}`", "",
@@ -313,7 +341,7 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
              f"{regime.num_train} train / {regime.num_val} val images, 1 to {regime.max_objects} objects, "
              f"6 classes; batch {regime.batch_size}, {epochs} epochs ({regime.steps(epochs)} optimiser steps); "
              f"EMA and warm-up: `{' '.join(regime.overrides(epochs)[-2:])}`"
-             + (f"; also `{' '.join(regime.extra)}`" if regime.extra else "")
+             + (f"; also `{' '.join(regime.extra + tuple(regime.schedule(epochs)))}`" if regime.extra else "")
              + ("; backbone pretrained on another synthetic set (`pretrained_backbone()`)"
                 if regime.pretrained_backbone else "") + ".",
              f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), wall time {elapsed / 60:.1f} min.",
@@ -331,6 +359,9 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
                      f"{reach_s} | {fmt(row['student_instability'])} | {fmt(row['teacher_instability'])} | "
                      f"{row['epoch_s']:.1f} |")
     lines += ["", "Targets (issue 8):", *check_targets(part, summary["table"], epochs)]
+    if reference is not None:
+        lines += ["", "Shorter schedule against the full budget's baseline (the 60%-of-steps target):",
+                  *check_shorter_budget(summary["table"], epochs, reference)]
     (out / "convergence.md").write_text("\n".join(lines) + "\n")
     for metric, ylabel in (("AP", "COCO AP (val)"), ("instability", "matching instability")):
         for model in sorted({m for m, _ in summary["curves"]}):
@@ -364,6 +395,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--out", default="docs/convergence")
     parser.add_argument("--runs", default="runs/convergence", help="where the individual runs go (not committed)")
+    parser.add_argument("--compare-to", metavar="JSON",
+                        help="a convergence.json of this part at its full budget: with a shorter --epochs, "
+                             "report each row's final AP against that run's baseline")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
     part = PARTS[args.part]
@@ -388,7 +422,8 @@ def main() -> None:
     elapsed = time.time() - start
     summary = summarize(runs, epochs)
     command = "python benchmarks/convergence.py " + " ".join(sys.argv[1:])
-    write_report(args.part, summary, out, epochs, args.seeds, part.regime, command.strip(), elapsed)
+    reference = json.loads(Path(args.compare_to).read_text()) if args.compare_to else None
+    write_report(args.part, summary, out, epochs, args.seeds, part.regime, command.strip(), elapsed, reference)
     serial = {f"{m}|{v}": row for (m, v), row in summary["table"].items()}
     curves = {f"{m}|{v}": c for (m, v), c in summary["curves"].items()}
     (out / "convergence.json").write_text(json.dumps({"table": serial, "curves": curves, "runs": runs,
