@@ -35,6 +35,9 @@ VARIANTS: dict[str, list[str]] = {
     # the control for the PD group: the same number of extra queries (detached copies of the student's own),
     # matched by their own Hungarian step, no EMA teacher at all
     "extra group, no teacher": ["distill.enabled=false", "loss.extra_groups=1"],
+    # an EMA of the baseline that guides nothing (what Ultralytics and YOLO users deploy): the teacher row is
+    # the averaging alone, against which OD-DETR's teacher shows what the distillation adds to deployed weights
+    "baseline + EMA": [ON, "distill.md=false", "distill.pd=false", "distill.aux=false"],
     "MD": [ON, "distill.md=true", "distill.pd=false", "distill.aux=false"],
     "PD": [ON, "distill.md=false", "distill.pd=true", "distill.aux=false"],
     "AUX": [ON, "distill.md=false", "distill.pd=false", "distill.aux=true"],
