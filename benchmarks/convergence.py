@@ -129,6 +129,14 @@ PARTS: dict[str, Part] = {
 }
 
 
+def train(cmd: list[str], threads: int, what: str) -> None:
+    """Run one ``oddetr train`` command line with ``threads`` torch threads; raise with its stderr's tail."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-2000:]}")
+
+
 def pretrained_backbone(runs_root: Path, threads: int) -> Path:
     """A ResNet-18 state dict (torchvision keys) from the headline's baseline trained on another synthetic set.
 
@@ -145,10 +153,7 @@ def pretrained_backbone(runs_root: Path, threads: int) -> Path:
            "overwrite=true", "seed=0", f"train.epochs={HEADLINE.epochs}",
            f"data.synthetic.root={HEADLINE.data_root()}-pretraining", *HEADLINE.overrides(),
            "data.synthetic.seed=1", "distill.enabled=false"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"backbone pretraining failed:\n{proc.stderr[-2000:]}")
+    train(cmd, threads, "backbone pretraining")
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
     body = {k.removeprefix("backbone.body."): v for k, v in state.items() if k.startswith("backbone.body.")}
     tmp = weights.with_suffix(".tmp")
@@ -171,11 +176,8 @@ def run_one(model: str, variant: str, seed: int, regime: Regime, epochs: int, ru
     cmd = [sys.executable, "-m", "oddetr", "train", f"model={model}", f"output={run_dir}", "overwrite=true",
            f"seed={seed}", f"train.epochs={epochs}", f"data.synthetic.root={data_root}",
            *regime.overrides(epochs), *VARIANTS[variant], *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{model} {variant} seed {seed} failed:\n{proc.stderr[-2000:]}")
+    train(cmd, threads, f"{model} {variant} seed {seed}")
     seconds = time.time() - t0
     print(f"done {model:<24} {variant:<24} seed {seed}  {seconds:6.0f} s", flush=True)
     return {**record, "seconds": seconds}
@@ -344,7 +346,7 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
              f"{regime.num_train} train / {regime.num_val} val images, 1 to {regime.max_objects} objects, "
              f"6 classes; batch {regime.batch_size}, {epochs} epochs ({regime.steps(epochs)} optimiser steps); "
              f"EMA and warm-up: `{' '.join(regime.overrides(epochs)[-2:])}`"
-             + (f"; also `{' '.join(regime.extra + tuple(regime.schedule(epochs)))}`" if regime.extra else "")
+             + (f"; also `{' '.join(own)}`" if (own := [*regime.extra, *regime.schedule(epochs)]) else "")
              + ("; backbone pretrained on another synthetic set (`pretrained_backbone()`)"
                 if regime.pretrained_backbone else "") + ".",
              f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), wall time {elapsed / 60:.1f} min.",
@@ -413,6 +415,9 @@ def main() -> None:
     unknown = sorted(set(models) - set(part.models))
     if unknown:
         parser.error(f"--models: {', '.join(unknown)} not in part {args.part!r} ({', '.join(part.models)})")
+    if args.compare_to and not Path(args.compare_to).is_file():
+        parser.error(f"--compare-to: no such file: {args.compare_to}")
+    reference = json.loads(Path(args.compare_to).read_text()) if args.compare_to else None
     jobs = [(m, v, s) for s in args.seeds for m in models for v in variants]
     start = time.time()
     overrides = list(args.overrides)
@@ -425,7 +430,6 @@ def main() -> None:
     elapsed = time.time() - start
     summary = summarize(runs, epochs)
     command = "python benchmarks/convergence.py " + " ".join(sys.argv[1:])
-    reference = json.loads(Path(args.compare_to).read_text()) if args.compare_to else None
     write_report(args.part, summary, out, epochs, args.seeds, part.regime, command.strip(), elapsed, reference)
     serial = {f"{m}|{v}": row for (m, v), row in summary["table"].items()}
     curves = {f"{m}|{v}": c for (m, v), c in summary["curves"].items()}
