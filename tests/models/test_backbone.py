@@ -102,7 +102,13 @@ def test_config_errors(kwargs, match):
         Backbone(**kwargs)
 
 
-def test_load_local_torchvision_weights(tmp_path):
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+@pytest.mark.parametrize("with_counters", [True, False])
+def test_load_local_torchvision_weights(tmp_path, norm, with_counters):
+    """Downloaded files carry BatchNorm's num_batches_tracked; files saved from a frozen-BN model do not.
+
+    Either loads into either norm (the counter is not a weight).
+    """
     torch.manual_seed(0)
     ref = torchvision.models.resnet18(weights=None)  # ordinary BatchNorm2d, like the downloaded files
     with torch.no_grad():
@@ -110,10 +116,12 @@ def test_load_local_torchvision_weights(tmp_path):
         ref.layer3[0].bn2.running_var.uniform_(0.5, 2.0)
     state = ref.state_dict()
     assert any(k.endswith("num_batches_tracked") for k in state)
+    if not with_counters:
+        state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(state, path)
 
-    bb = Backbone("resnet18", weights=str(path))
+    bb = Backbone("resnet18", weights=str(path), norm=norm)
     torch.testing.assert_close(bb.body["conv1"].weight, state["conv1.weight"])
     torch.testing.assert_close(bb.body["layer3"][0].conv1.weight, state["layer3.0.conv1.weight"])
     torch.testing.assert_close(bb.body["bn1"].running_mean, state["bn1.running_mean"])

@@ -89,8 +89,12 @@ def load_torchvision_weights(model: nn.Module, path: str | Path, name: str) -> N
         raise CheckpointError(
             f"{path}: expected a torchvision state dict (name -> tensor) for {name}, got {got}"
         )
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") and not _is_head_key(k)}
-    own = {k: v for k, v in model.state_dict().items() if not _is_head_key(k)}
+    # BatchNorm's step counter is neither needed nor always saved (FrozenBatchNorm2d has none): ignored both ways
+    def kept(key: str) -> bool:
+        return not key.endswith("num_batches_tracked") and not _is_head_key(key)
+
+    state = {k: v for k, v in state.items() if kept(k)}
+    own = {k: v for k, v in model.state_dict().items() if kept(k)}
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
     if missing or unexpected:
