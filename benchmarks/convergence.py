@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ON = "distill.enabled=true"
@@ -315,17 +315,19 @@ def check_targets(part: str, table: dict, epochs: int) -> list[str]:
     return lines
 
 
-def check_shorter_budget(table: dict, epochs: int, reference: dict) -> list[str]:
-    """The 60%-of-steps target read as a user trains: every row here ran a shorter schedule (``epochs``) than
-    ``reference`` (a convergence.json of the same part at its full budget); each row's final AP against the
-    reference baseline's final AP."""
+def check_shorter_budget(table: dict, epochs: int, steps: int, reference: dict) -> list[str]:
+    """The 60%-of-steps target read as a user trains: every row here ran a shorter schedule (``epochs``,
+    ``steps`` optimiser steps) than ``reference`` (a convergence.json of the same part at its full budget);
+    each row's final AP against the reference baseline's final AP."""
     lines = []
     ref_epochs = reference["epochs"]
+    # files written before "steps" was recorded ran the regime's own training set: steps scale with epochs
+    frac = steps / reference["steps"] if "steps" in reference else epochs / ref_epochs
     for (model, variant), row in table.items():
         base = reference["table"].get(f"{model}|baseline")
         if base is None:
             continue
-        target, frac = base["student_final_ap"][0], epochs / ref_epochs
+        target = base["student_final_ap"][0]
         for who in ("student", "teacher"):
             got = row[f"{who}_final_ap"][0]
             if got != got:
@@ -366,7 +368,7 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
     lines += ["", "Targets (issue 8):", *check_targets(part, summary["table"], epochs)]
     if reference is not None:
         lines += ["", "Shorter schedule against the full budget's baseline (the 60%-of-steps target):",
-                  *check_shorter_budget(summary["table"], epochs, reference)]
+                  *check_shorter_budget(summary["table"], epochs, regime.steps(epochs), reference)]
     (out / "convergence.md").write_text("\n".join(lines) + "\n")
     for metric, ylabel in (("AP", "COCO AP (val)"), ("instability", "matching instability")):
         for model in sorted({m for m, _ in summary["curves"]}):
@@ -403,9 +405,21 @@ def main() -> None:
     parser.add_argument("--compare-to", metavar="JSON",
                         help="a convergence.json of this part at its full budget: with a shorter --epochs, "
                              "report each row's final AP against that run's baseline")
+    parser.add_argument("--train-images", type=int, metavar="N",
+                        help="train on N synthetic images instead of the regime's (same val split; the first "
+                             "images are the regime's own); the EMA horizon follows the new step count, and the "
+                             "regime's name and data cache gain '-<N>img' so runs and data never mix")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
     part = PARTS[args.part]
+    if args.train_images is not None:
+        if args.train_images < part.regime.batch_size:
+            parser.error(f"--train-images: need at least one batch ({part.regime.batch_size} images), "
+                         f"got {args.train_images}")
+        suffix = f"-{args.train_images}img"
+        regime = part.regime
+        part = replace(part, regime=replace(regime, num_train=args.train_images, name=regime.name + suffix,
+                                            dataset=(regime.dataset or regime.name) + suffix))
     epochs = args.epochs or part.regime.epochs
     out = Path(args.out) / args.part
     out.mkdir(parents=True, exist_ok=True)
@@ -434,7 +448,8 @@ def main() -> None:
     serial = {f"{m}|{v}": row for (m, v), row in summary["table"].items()}
     curves = {f"{m}|{v}": c for (m, v), c in summary["curves"].items()}
     (out / "convergence.json").write_text(json.dumps({"table": serial, "curves": curves, "runs": runs,
-                                                      "epochs": epochs, "seeds": args.seeds}, indent=1))
+                                                      "epochs": epochs, "steps": part.regime.steps(epochs),
+                                                      "seeds": args.seeds}, indent=1))
     print((out / "convergence.md").read_text())
 
 
