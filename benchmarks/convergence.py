@@ -239,7 +239,11 @@ def summarize(runs: list[dict], epochs: int) -> dict:
             row[f"{who}_instability"] = mean_std(
                 [statistics.fmean([v for v in cv if v is not None]) for cv in c[f"{who}/instability"]
                  if any(v is not None for v in cv)])
-        if any(v is not None for cv in c["teacher/AP"] for v in cv):
+        # what the run's best.pt holds: the deployed model (the teacher when there is one) at its best evaluation
+        deployed = "teacher" if any(v is not None for cv in c["teacher/AP"] for v in cv) else "student"
+        row["best_pt"] = (deployed, mean_std([max(v for v in cv if v is not None) for cv in c[f"{deployed}/AP"]
+                                              if any(v is not None for v in cv)]))
+        if deployed == "teacher":
             leads = [teacher_lead(s, t) for s, t in zip(c["student/AP"], c["teacher/AP"])]
             row["teacher_lead"] = {"min": min(min(lead) for lead in leads),
                                    "mean": statistics.fmean([v for lead in leads for v in lead]),
@@ -315,6 +319,17 @@ def check_targets(part: str, table: dict, epochs: int) -> list[str]:
     return lines
 
 
+def best_checkpoints(table: dict) -> list[str]:
+    """One line per row: its best.pt AP (mean ± std over seeds) and the difference to the baseline's."""
+    lines = []
+    for (model, variant), row in table.items():
+        who, ms = row["best_pt"]
+        base = table.get((model, "baseline"))
+        diff = "" if base is None or variant == "baseline" else f" ({(ms[0] - base['best_pt'][1][0]) * 100:+.1f} AP)"
+        lines.append(f"- {model} {variant}: {fmt(ms)} ({who}){diff}")
+    return lines
+
+
 def check_shorter_budget(table: dict, epochs: int, steps: int, reference: dict) -> list[str]:
     """The 60%-of-steps target read as a user trains: every row here ran a shorter schedule (``epochs``,
     ``steps`` optimiser steps) than ``reference`` (a convergence.json of the same part at its full budget);
@@ -366,6 +381,9 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
                      f"{reach_s} | {fmt(row['student_instability'])} | {fmt(row['teacher_instability'])} | "
                      f"{row['epoch_s']:.1f} |")
     lines += ["", "Targets (issue 8):", *check_targets(part, summary["table"], epochs)]
+    lines += ["", "What each run's `best.pt` holds (the deployed model, the teacher when there is one, at its "
+              "best evaluated epoch; selected on the val split for every row alike, so read it beside the final AP):",
+              *best_checkpoints(summary["table"])]
     if reference is not None:
         lines += ["", "Shorter schedule against the full budget's baseline (the 60%-of-steps target):",
                   *check_shorter_budget(summary["table"], epochs, regime.steps(epochs), reference)]
