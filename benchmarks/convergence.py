@@ -355,7 +355,8 @@ def check_shorter_budget(table: dict, epochs: int, steps: int, reference: dict) 
 
 
 def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[int], regime: Regime,
-                 command: str, elapsed: float, reference: dict | None = None) -> None:
+                 command: str, elapsed: float, reference: dict | None = None,
+                 overrides: list[str] | None = None) -> None:
     from oddetr.evaluation.plots import plot_curves
 
     lines = [f"Command: `{command}`", "",
@@ -365,7 +366,8 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
              f"EMA and warm-up: `{' '.join(regime.overrides(epochs)[-2:])}`"
              + (f"; also `{' '.join(own)}`" if (own := [*regime.extra, *regime.schedule(epochs)]) else "")
              + ("; backbone pretrained on another synthetic set (`pretrained_backbone()`)"
-                if regime.pretrained_backbone else "") + ".",
+                if regime.pretrained_backbone else "")
+             + (f"; then, for every run and overriding the above, `{' '.join(overrides)}`" if overrides else "") + ".",
              f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), wall time {elapsed / 60:.1f} min.",
              "Final AP: mean ± std over seeds at the last epoch (synthetic val split). Epochs to baseline: first "
              "epoch where the mean curve reaches the baseline student's final mean AP (student / teacher). "
@@ -462,7 +464,8 @@ def main() -> None:
     elapsed = time.time() - start
     summary = summarize(runs, epochs)
     command = "python benchmarks/convergence.py " + " ".join(sys.argv[1:])
-    write_report(args.part, summary, out, epochs, args.seeds, part.regime, command.strip(), elapsed, reference)
+    write_report(args.part, summary, out, epochs, args.seeds, part.regime, command.strip(), elapsed, reference,
+                 list(args.overrides))
     serial = {f"{m}|{v}": row for (m, v), row in summary["table"].items()}
     curves = {f"{m}|{v}": c for (m, v), c in summary["curves"].items()}
     (out / "convergence.json").write_text(json.dumps({"table": serial, "curves": curves, "runs": runs,
