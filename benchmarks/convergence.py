@@ -129,8 +129,8 @@ PARTS: dict[str, Part] = {
 }
 
 
-def train(cmd: list[str], threads: int, what: str) -> None:
-    """Run one ``oddetr train`` command line with ``threads`` torch threads; raise with its stderr's tail."""
+def run_cli(cmd: list[str], threads: int, what: str) -> None:
+    """Run one ``oddetr`` command line with ``threads`` torch threads; raise with its stderr's tail."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -153,7 +153,7 @@ def pretrained_backbone(runs_root: Path, threads: int) -> Path:
            "overwrite=true", "seed=0", f"train.epochs={HEADLINE.epochs}",
            f"data.synthetic.root={HEADLINE.data_root()}-pretraining", *HEADLINE.overrides(),
            "data.synthetic.seed=1", "distill.enabled=false"]
-    train(cmd, threads, "backbone pretraining")
+    run_cli(cmd, threads, "backbone pretraining")
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
     body = {k.removeprefix("backbone.body."): v for k, v in state.items() if k.startswith("backbone.body.")}
     tmp = weights.with_suffix(".tmp")
@@ -177,10 +177,44 @@ def run_one(model: str, variant: str, seed: int, regime: Regime, epochs: int, ru
            f"seed={seed}", f"train.epochs={epochs}", f"data.synthetic.root={data_root}",
            *regime.overrides(epochs), *VARIANTS[variant], *extra]
     t0 = time.time()
-    train(cmd, threads, f"{model} {variant} seed {seed}")
+    run_cli(cmd, threads, f"{model} {variant} seed {seed}")
     seconds = time.time() - t0
     print(f"done {model:<24} {variant:<24} seed {seed}  {seconds:6.0f} s", flush=True)
     return {**record, "seconds": seconds}
+
+
+def train_split_ap(run: dict, regime: Regime, threads: int) -> dict:
+    """AP of a finished run's final weights on its own training images: ``{"student": AP, "teacher": AP}``
+    (teacher only when the run has one). Beside the val AP it shows how much of what a run fits is memorised.
+    Each evaluation is cached in the run's folder (``eval-train-<who>/``)."""
+    data = regime.data_root()
+    split = [f"data.{s}.{key}={value}" for s in ("train", "val") for key, value in (
+        ("format", "coco"), ("images", data / "train"), ("annotations", data / "annotations" / "train.json"))]
+    out = {}
+    for who in ("student", "teacher"):
+        if who == "teacher" and run["variant"] not in DISTILLED:
+            continue
+        folder = Path(run["dir"]) / f"eval-train-{who}"
+        if not (folder / "eval.json").is_file():
+            run_cli([sys.executable, "-m", "oddetr", "eval", f"checkpoint={Path(run['dir']) / 'last.pt'}",
+                     f"weights={who}", *split, f"output={folder}"], threads,
+                    f"{run['model']} {run['variant']} seed {run['seed']} train-split eval ({who})")
+        out[who] = json.loads((folder / "eval.json").read_text())["metrics"]["AP"]
+    return out
+
+
+def train_split_lines(runs: list[dict], table: dict) -> list[str]:
+    """One line per row: train-split AP (mean ± std over seeds), val AP, and the gap between them."""
+    lines = []
+    for (model, variant), row in table.items():
+        for who in ("student", "teacher"):
+            values = [r["train_ap"][who] for r in runs
+                      if r["model"] == model and r["variant"] == variant and who in r.get("train_ap", {})]
+            if values:
+                train_ms, val = mean_std(values), row[f"{who}_final_ap"][0]
+                lines.append(f"- {model} {variant} ({who}): train split {fmt(train_ms)}, val {val:.3f}, "
+                             f"train - val {(train_ms[0] - val) * 100:+.1f} AP")
+    return lines
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -356,7 +390,7 @@ def check_shorter_budget(table: dict, epochs: int, steps: int, reference: dict) 
 
 def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[int], regime: Regime,
                  command: str, elapsed: float, reference: dict | None = None,
-                 overrides: list[str] | None = None) -> None:
+                 overrides: list[str] | None = None, runs: list[dict] | None = None) -> None:
     from oddetr.evaluation.plots import plot_curves
 
     lines = [f"Command: `{command}`", "",
@@ -386,6 +420,9 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
     lines += ["", "What each run's `best.pt` holds (the deployed model, the teacher when there is one, at its "
               "best evaluated epoch; selected on the val split for every row alike, so read it beside the final AP):",
               *best_checkpoints(summary["table"])]
+    if runs and any("train_ap" in r for r in runs):
+        lines += ["", "AP on the training images (`--train-ap`: each run's final weights on its own training split):",
+                  *train_split_lines(runs, summary["table"])]
     if reference is not None:
         lines += ["", "Shorter schedule against the full budget's baseline (the 60%-of-steps target):",
                   *check_shorter_budget(summary["table"], epochs, regime.steps(epochs), reference)]
@@ -429,6 +466,8 @@ def main() -> None:
                         help="train on N synthetic images instead of the regime's (same val split; the first "
                              "images are the regime's own); the EMA horizon follows the new step count, and the "
                              "regime's name and data cache gain '-<N>img' so runs and data never mix")
+    parser.add_argument("--train-ap", action="store_true",
+                        help="also evaluate each run's final weights on its training images (cached per run)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
     part = PARTS[args.part]
@@ -461,11 +500,15 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: run_one(*j, part.regime, epochs, Path(args.runs), threads, overrides),
                              jobs))
+    if args.train_ap:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            aps = list(pool.map(lambda r: train_split_ap(r, part.regime, threads), runs))
+        runs = [{**r, "train_ap": ap} for r, ap in zip(runs, aps)]
     elapsed = time.time() - start
     summary = summarize(runs, epochs)
     command = "python benchmarks/convergence.py " + " ".join(sys.argv[1:])
     write_report(args.part, summary, out, epochs, args.seeds, part.regime, command.strip(), elapsed, reference,
-                 list(args.overrides))
+                 list(args.overrides), runs)
     serial = {f"{m}|{v}": row for (m, v), row in summary["table"].items()}
     curves = {f"{m}|{v}": c for (m, v), c in summary["curves"].items()}
     (out / "convergence.json").write_text(json.dumps({"table": serial, "curves": curves, "runs": runs,
