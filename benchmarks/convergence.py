@@ -203,6 +203,28 @@ def train_split_ap(run: dict, regime: Regime, threads: int) -> dict:
     return out
 
 
+def lr_drop_lines(curves: dict, drop_epoch: int) -> list[str]:
+    """Per row, mean AP (student, teacher) at the last evaluation before the LR drop and at the end, each against
+    the baseline's: how much of a lead the drop gives back (a step schedule averages out its own noise)."""
+    lines = []
+    for (model, variant), c in curves.items():
+        base = curves.get((model, "baseline"))
+        if base is None:
+            continue
+        b = mean_curve(base["student/AP"])
+        for who in ("student", "teacher"):
+            if not any(v is not None for cv in c[f"{who}/AP"] for v in cv):
+                continue
+            m = mean_curve(c[f"{who}/AP"])
+            before, end = drop_epoch - 1, len(m) - 1
+            if before >= len(m) or m[before] is None or b[before] is None or m[end] is None:
+                continue
+            lines.append(f"- {model} {variant} ({who}): epoch {drop_epoch} {m[before]:.3f} "
+                         f"({(m[before] - b[before]) * 100:+.1f} AP over the baseline), epoch {end + 1} {m[end]:.3f} "
+                         f"({(m[end] - b[end]) * 100:+.1f} AP); the drop gives {(m[end] - m[before]) * 100:+.1f} AP")
+    return lines
+
+
 def train_split_lines(runs: list[dict], table: dict) -> list[str]:
     """One line per row: train-split AP (mean ± std over seeds), val AP, and the gap between them."""
     lines = []
@@ -420,6 +442,10 @@ def write_report(part: str, summary: dict, out: Path, epochs: int, seeds: list[i
     lines += ["", "What each run's `best.pt` holds (the deployed model, the teacher when there is one, at its "
               "best evaluated epoch; selected on the val split for every row alike, so read it beside the final AP):",
               *best_checkpoints(summary["table"])]
+    if regime.lr_drop_at is not None:
+        drop = round(regime.lr_drop_at * epochs)
+        lines += ["", f"Before and after the LR drop (mean over seeds; the LR is /10 after epoch {drop}):",
+                  *lr_drop_lines(summary["curves"], drop)]
     if runs and any("train_ap" in r for r in runs):
         lines += ["", "AP on the training images (`--train-ap`: each run's final weights on its own training split):",
                   *train_split_lines(runs, summary["table"])]
