@@ -5,6 +5,8 @@
     python benchmarks/convergence.py --part dab-dino    # DAB and DINO tiny: baseline and OD-DETR
     python benchmarks/convergence.py --part pretrained  # the headline from a pretrained backbone, step schedule
     python benchmarks/convergence.py --part headline --seeds 0 --epochs 2 --out /tmp/conv   # a quick look
+    # the pretrained part's 32-epoch budget spent on 4x the images, with train-split AP beside val AP
+    python benchmarks/convergence.py --part pretrained --train-images 2048 --epochs 8 --train-ap
 
 Each part is meant to run in one sitting (about an hour on 2 cores) and writes its own results into
 ``--out``/``<part>/`` (default ``docs/convergence/``): ``convergence.md`` (the table and every target,
