@@ -215,7 +215,7 @@ def lr_drop_lines(curves: dict, drop_epoch: int) -> list[str]:
             continue
         b = mean_curve(base["student/AP"])
         for who in ("student", "teacher"):
-            if not any(v is not None for cv in c[f"{who}/AP"] for v in cv):
+            if not evaluated(c[f"{who}/AP"]):
                 continue
             m = mean_curve(c[f"{who}/AP"])
             before, end = drop_epoch - 1, len(m) - 1
@@ -259,6 +259,11 @@ def epochs_to_reach(curve: list[float], threshold: float) -> int | None:
     return None
 
 
+def evaluated(curves: list[list[float | None]]) -> bool:
+    """Whether any run has a value in these per-epoch curves (a model never evaluated, e.g. no teacher, has none)."""
+    return any(v is not None for cv in curves for v in cv)
+
+
 def mean_curve(curves: list[list[float | None]]) -> list[float | None]:
     """Per epoch, the mean over runs of the evaluated values (None where no run was evaluated)."""
     n = min(len(c) for c in curves)
@@ -298,7 +303,7 @@ def summarize(runs: list[dict], epochs: int) -> dict:
                 [statistics.fmean([v for v in cv if v is not None]) for cv in c[f"{who}/instability"]
                  if any(v is not None for v in cv)])
         # what the run's best.pt holds: the deployed model (the teacher when there is one) at its best evaluation
-        deployed = "teacher" if any(v is not None for cv in c["teacher/AP"] for v in cv) else "student"
+        deployed = "teacher" if evaluated(c["teacher/AP"]) else "student"
         row["best_pt"] = (deployed, mean_std([max(v for v in cv if v is not None) for cv in c[f"{deployed}/AP"]
                                               if any(v is not None for v in cv)]))
         if deployed == "teacher":
@@ -316,7 +321,7 @@ def summarize(runs: list[dict], epochs: int) -> dict:
         # a model that was never evaluated (no teacher) has no curve; epochs between evaluations are None
         table[(model, variant)]["epochs_to_baseline"] = [
             epochs_to_reach(mean_curve(c[f"{who}/AP"]), target)
-            if any(v is not None for cv in c[f"{who}/AP"] for v in cv) else None for who in ("student", "teacher")]
+            if evaluated(c[f"{who}/AP"]) else None for who in ("student", "teacher")]
     return {"table": table, "curves": curves}
 
 
