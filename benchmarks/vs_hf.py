@@ -16,7 +16,9 @@ refinement, per-layer auxiliary losses, AdamW, gradient clipping 0.1, dropout 0)
 
 A train step is forward, Hungarian matching, losses, backward, clip and optimiser step (OD-DETR
 adds its teacher pass, extra groups and EMA update: oddetr's own :class:`GuardedStep`). Inference is
-an eval-mode forward pass under ``torch.inference_mode`` (no post-processing). The three models of a
+an eval-mode forward pass under ``torch.inference_mode`` (no post-processing), oddetr's with the
+backbone's norms folded into its convolutions, as ``oddetr predict`` loads a model (``eval.fuse_norms``;
+a line below the table gives the unfused pass, timed in the same loop). The three models of a
 config (HF, oddetr baseline, oddetr OD-DETR) are timed in ONE process with their steps interleaved,
 median over ``--steps``, so machine load hits them alike; peak memory is each case's peak RSS (CPU)
 in its own short subprocess (build, one warm-up step, one step); on a GPU, the peak of
@@ -29,6 +31,7 @@ its deformable attention and matching stay float32, as transformers' do). HF's b
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -151,6 +154,7 @@ class OddetrCase:
         state = TrainState(self.model, optimizer, build_scheduler(optimizer, 1000, cfg),
                            torch.amp.GradScaler(device.type, enabled=False), distiller, {})
         self.step = GuardedStep(state, None, criterion, cfg.train, device)
+        self.compiled, self.deployed = compiled, None
         if compiled:  # as the trainer does with compile=true
             compile_detector(self.model, "inductor", "oddetr")
             if distiller is not None:
@@ -160,7 +164,17 @@ class OddetrCase:
         if not self.step(images, masks, targets, True, "benchmark").finite:
             raise RuntimeError("non-finite step")
 
-    def infer(self, images, masks) -> None:
+    def infer(self, images, masks, fused: bool = True) -> None:
+        """One pass as ``oddetr predict`` runs it: eval mode, the backbone's norms folded into its
+        convolutions (``eval.fuse_norms``; a copy of the model, made once). ``fused=False`` or a compiled
+        case: the training model itself in eval mode."""
+        if fused and not self.compiled:
+            if self.deployed is None:
+                self.deployed = copy.deepcopy(self.model).eval()
+                self.deployed.backbone.fuse_norms()
+            with torch.inference_mode(), self.autocast():
+                self.deployed(images, masks)
+            return
         self.model.eval()
         with torch.inference_mode(), self.autocast():
             self.model(images, masks)
@@ -171,6 +185,9 @@ CASES = ("HF", "oddetr", "OD-DETR")
 # --teacher-amp bf16: OD-DETR with its teacher pass under bf16 autocast, timed (training) beside the others
 TEACHER_AMP_CASE = "OD-DETR, {} teacher"
 
+
+# inference only: oddetr's baseline model with its norms left unfused (eval.fuse_norms=false)
+UNFUSED = "oddetr, norms unfused"
 
 # --compile / --compile-hf: the same models under torch.compile (Inductor), timed beside the eager ones
 COMPILED = ", compiled"
@@ -215,6 +232,11 @@ def timing(c: dict, steps: int, warmup: int, names: list[str]) -> dict:
             synchronize(c["device"])
             if i >= warmup:
                 infer[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cases["oddetr"].infer(images, masks, fused=False)
+        synchronize(c["device"])
+        if i >= warmup:
+            infer.setdefault(UNFUSED, []).append(time.perf_counter() - t0)
     return {"train": {n: statistics.median(v) for n, v in train.items()},
             "infer": {n: statistics.median(v) for n, v in infer.items() if v}}
 
@@ -295,6 +317,9 @@ def main() -> None:
               f"{tr['oddetr'] / tr['HF']:.2f}x, {inf['oddetr'] / inf['HF']:.2f}x | {tr['OD-DETR']:.2f} s | "
               f"{tr['OD-DETR'] / tr['oddetr']:.2f}x | {mem['HF']:.0f} / {mem['oddetr']:.0f} / {mem['OD-DETR']:.0f} | "
               f"{mem['OD-DETR'] / mem['oddetr']:.2f}x |", flush=True)
+        print(f"|   oddetr inference with its norms unfused (eval.fuse_norms=false): {inf[UNFUSED]:.2f} s, "
+              f"{inf[UNFUSED] / inf['HF']:.2f}x HF; fused / unfused {inf['oddetr'] / inf[UNFUSED]:.2f}x | | | | | | | |",
+              flush=True)
         if args.teacher_amp != "none":
             name = TEACHER_AMP_CASE.format(args.teacher_amp)
             print(f"|   {name}: train {tr[name]:.2f} s, {tr[name] / tr['oddetr']:.2f}x baseline step, "

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import tv_tensors
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import oddetr
 from oddetr.api import Detector
@@ -231,3 +232,19 @@ def test_export_command_writes_an_onnx_model_that_agrees_with_predict(run, tmp_p
                                                "expected one of onnx, torchscript, export")
     assert main(["export", f"checkpoint={checkpoint}"]) == 2
     assert "oddetr export: error: oddetr export needs output=..." in capsys.readouterr().err
+
+
+def test_loaded_models_fold_their_norms_and_predict_the_same(run):
+    """Oracle: the same checkpoint loaded with ``eval.fuse_norms=false`` (the model as it trained)."""
+    norms = (torch.nn.BatchNorm2d, FrozenBatchNorm2d)
+    fused = Detector.from_checkpoint(run[0] / "last.pt", device="cpu")
+    plain = Detector.from_checkpoint(run[0] / "last.pt", device="cpu", overrides={"eval.fuse_norms": False})
+    assert not any(isinstance(m, norms) for m in fused.model.modules())
+    assert sum(isinstance(m, norms) for m in plain.model.backbone.modules()) > 10
+    torch.manual_seed(0)
+    images, masks = torch.randn(2, 3, 64, 80), torch.zeros(2, 64, 80, dtype=torch.bool)
+    masks[1, :, 70:] = True
+    with torch.no_grad():
+        a, b = fused.model(images, masks), plain.model(images, masks)
+    torch.testing.assert_close(a.pred_logits, b.pred_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.pred_boxes, b.pred_boxes, rtol=1e-4, atol=1e-5)

@@ -210,6 +210,9 @@ class TrainConfig:
 class EvalConfig:
     max_detections: int = 100
     batch_size: int = 4
+    # oddetr eval / predict / export and Detector.from_checkpoint fold the backbone's batch norms into
+    # its convolutions (same outputs to float rounding, a faster pass; Backbone.fuse_norms)
+    fuse_norms: bool = True
 
 
 @dataclass

@@ -176,3 +176,40 @@ def test_downsample_mask():
     # non-divisible sizes: nearest picks source index floor(i * H / h)
     out = downsample_mask(mask, (3, 5))
     assert torch.equal(out[0, 0], mask[0, 0, [0, 2, 4, 7, 9]])
+
+
+def _randomise_norms(module: torch.nn.Module, generator: torch.Generator) -> int:
+    """Give every norm non-trivial statistics and affine parameters (a fresh norm is the identity,
+    which would hide a wrong fold); returns how many norms there are."""
+    norms = [m for m in module.modules() if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))]
+    for m in norms:
+        c = m.running_mean.numel()
+        m.running_mean.copy_(torch.randn(c, generator=generator, dtype=torch.float64) * 0.5)
+        m.running_var.copy_(torch.rand(c, generator=generator, dtype=torch.float64) + 0.5)
+        with torch.no_grad():
+            m.weight.copy_(torch.rand(c, generator=generator, dtype=torch.float64) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=generator, dtype=torch.float64) * 0.2)
+    return len(norms)
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_fuse_norms_matches_the_unfused_backbone(name, norm):
+    """Oracle: the same backbone before folding (float64, so only the fold's own rounding shows)."""
+    torch.manual_seed(0)
+    bb = Backbone(name, norm=norm).double().eval()
+    n_norms = _randomise_norms(bb, torch.Generator().manual_seed(1))
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        expected = bb(images)
+        assert bb.fuse_norms() == n_norms > 0
+        got = bb(images)
+    assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in bb.modules())
+    for e, g in zip(expected, got, strict=True):  # float64 rounding, grown through up to 100 layers
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9 * e.abs().max().item())
+
+
+def test_fuse_norms_refuses_batch_statistics():
+    bb = Backbone("resnet18", norm="bn").train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        bb.fuse_norms()

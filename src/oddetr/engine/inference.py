@@ -27,7 +27,10 @@ class LoadedModel:
 
 def load_checkpoint_model(path: str | Path, weights: str = "auto", device: torch.device | None = None,
                           config_overrides: dict[str, Any] | None = None) -> LoadedModel:
-    """Rebuild the detector of a training checkpoint; ``weights``: auto (teacher if any) | teacher | student."""
+    """Rebuild the detector of a training checkpoint; ``weights``: auto (teacher if any) | teacher | student.
+
+    The model comes back in eval mode, for inference only: with ``eval.fuse_norms`` (default) its
+    backbone's batch norms are folded into the convolutions (:meth:`Backbone.fuse_norms`)."""
     state = safe_load(path)
     if state.get("format") != "oddetr-checkpoint-v1" or "model" not in state:
         raise CheckpointError(f"{path} is not an oddetr training checkpoint")
@@ -57,6 +60,8 @@ def load_checkpoint_model(path: str | Path, weights: str = "auto", device: torch
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model: {str(err).splitlines()[0]}") from None
     model.eval()
+    if cfg.eval.fuse_norms:
+        model.backbone.fuse_norms()
     if device is not None:
         model.to(device)
     classes = state["classes"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from oddetr.errors import CheckpointError, ConfigError
@@ -215,6 +216,39 @@ class Backbone(nn.Module):
             if name in self._return_names:
                 outs.append(x)
         return outs
+
+    def fuse_norms(self) -> int:
+        """Fold every batch norm into the convolution before it, for inference; returns how many.
+
+        In eval mode a batch norm (``FrozenBatchNorm2d``, or ``BatchNorm2d`` with its running
+        statistics) is a per-channel affine map, so ``conv -> norm`` equals one convolution with
+        scaled weights and a bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``); the norm becomes
+        ``nn.Identity``. Outputs change by float rounding only, and the pass skips one read and write
+        of every normalised feature map. The torchvision backbones here register each norm right
+        after the convolution that feeds it (``convK``/``bnK``, ``downsample``, ``Conv2dNormActivation``),
+        which is the pattern matched. Irreversible: the state dict loses the norms' keys, so fuse
+        only a model loaded for evaluation, prediction or export, never one that trains or saves.
+
+        Raises:
+            RuntimeError: a ``BatchNorm2d`` is in train mode (it would normalise by batch statistics).
+        """
+        fused = 0
+        for parent in self.body.modules():
+            names = list(parent._modules)
+            for conv_name, norm_name in zip(names, names[1:]):
+                conv, norm = parent._modules[conv_name], parent._modules[norm_name]
+                if not (isinstance(conv, nn.Conv2d) and isinstance(norm, (FrozenBatchNorm2d, nn.BatchNorm2d))):
+                    continue
+                if norm.training and isinstance(norm, nn.BatchNorm2d):
+                    raise RuntimeError("fuse_norms needs the backbone in eval mode (BatchNorm2d in train mode)")
+                weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                                                    norm.eps, norm.weight, norm.bias)
+                conv.weight = nn.Parameter(weight.detach().contiguous(memory_format=torch.channels_last),
+                                           requires_grad=False)
+                conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
+                parent._modules[norm_name] = nn.Identity()
+                fused += 1
+        return fused
 
     def frozen_blocks(self) -> int:
         """How many leading blocks compute a fixed function: no trainable parameter and no batch
