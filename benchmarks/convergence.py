@@ -4,6 +4,7 @@
     python benchmarks/convergence.py --part parts       # MD, PD, AUX alone, the pairs, full without mdpd
     python benchmarks/convergence.py --part dab-dino    # DAB and DINO tiny: baseline and OD-DETR
     python benchmarks/convergence.py --part pretrained  # the headline from a pretrained backbone, step schedule
+    python benchmarks/convergence.py --part pretrained-dab-dino --models dino-tiny  # DINO (or DAB) fine-tuned so
     python benchmarks/convergence.py --part headline --seeds 0 --epochs 2 --out /tmp/conv   # a quick look
     # the pretrained part's 32-epoch budget spent on 4x the images, with train-split AP beside val AP
     python benchmarks/convergence.py --part pretrained --train-images 2048 --epochs 8 --train-ap
@@ -128,6 +129,8 @@ PARTS: dict[str, Part] = {
                                               "OD-DETR w/o mdpd", "OD-DETR"), CHEAP),
     "dab-dino": Part(("dab-deformable-detr-tiny", "dino-tiny"), ("baseline", "OD-DETR"), HEADLINE),
     "pretrained": Part(("deformable-detr-tiny",), ("baseline", "extra group, no teacher", "OD-DETR"), PRETRAINED),
+    # DAB and DINO as users fine-tune them: the pretrained part's backbone, data and step schedule
+    "pretrained-dab-dino": Part(("dino-tiny", "dab-deformable-detr-tiny"), ("baseline", "OD-DETR"), PRETRAINED),
 }
 
 
