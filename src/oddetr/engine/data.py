@@ -103,33 +103,32 @@ def _stop_workers_at_exit() -> None:
 
 
 def _kill_loader_workers() -> None:
-    """SIGKILL the daemonic child processes still alive that are DataLoader workers (they hold no state
-    to save) or ignore SIGTERM.
+    """Stop the daemonic child processes still alive before ``multiprocessing``'s exit hook joins them.
 
-    Telling workers apart by their SIGTERM mask alone raced: a worker still starting (under load) did
-    not ignore SIGTERM yet when this hook looked, set it to ignored before ``multiprocessing``'s hook
-    sent SIGTERM, and the process waited for it forever (3 exits in 20 hung on a loaded 2-core
-    machine). A worker is known from its target function, whatever its state. (With this, 2 exits in 80
-    still hung on the loaded machine, 0 in the 60 with other processes burning both cores: a rarer hang,
-    not explained yet.)"""
+    Those that ignore SIGTERM (our loader workers, which hold no state to save) get SIGKILL. The others
+    get the SIGTERM ``multiprocessing`` would send them next, sent here so that a loader worker still
+    starting cannot escape it: such a worker did not ignore SIGTERM yet when this hook used to look,
+    ignored it by the time ``multiprocessing`` sent it, and the process waited for it forever (1 to 3
+    exits in 20-30 hung on a loaded 2-core machine). A child that ignores SIGTERM after it is sent
+    is killed too."""
     import multiprocessing
     import signal
 
-    workers = [c for c in multiprocessing.active_children()
-               if c.daemon and (_is_loader_worker(c) or _ignores_sigterm(c.pid))]
-    if not workers:
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if not children:
         return
     # torch's SIGCHLD handler would report each killed worker as a failure: the process is exiting
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in workers:
-        child.kill()
-        child.join(timeout=10)
-
-
-def _is_loader_worker(process: object) -> bool:
-    """Whether a ``multiprocessing`` process runs a ``torch`` DataLoader worker loop."""
-    target = getattr(process, "_target", None)
-    return getattr(target, "__module__", "") == "torch.utils.data._utils.worker"
+    for child in children:
+        if _ignores_sigterm(child.pid):
+            child.kill()
+        else:
+            child.terminate()
+    for child in children:
+        child.join(timeout=2)
+        if child.is_alive() and _ignores_sigterm(child.pid):
+            child.kill()
+            child.join(timeout=10)
 
 
 def _ignores_sigterm(pid: int | None) -> bool:
