@@ -151,6 +151,10 @@ class DistillConfig:
     ema_tau: float | None = None
     ema_horizon: float = 0.04
     warmup_steps: int = -1  # -1: ema_tau
+    # the teacher guides the student up to and including this epoch (1-based); after it the student trains as
+    # the baseline does (no teacher pass, groups or distillation losses) while the EMA teacher keeps following
+    # it, evaluated and saved as before. 0: the whole run
+    end_epoch: int = 0
     # BatchNorm in the teacher's guiding pass: its EMA'd running statistics, or the batch's statistics
     # (running statistics untouched), which normalise as the training-mode student does; evaluation
     # always uses the running statistics
@@ -264,6 +268,8 @@ class Config:
             raise ConfigError(f"config key 'distill.ema_decay' must be in [0, 1), got {d.ema_decay}")
         if d.ema_tau is not None and d.ema_tau < 0.0:
             raise ConfigError(f"config key 'distill.ema_tau' must be >= 0, got {d.ema_tau}")
+        if d.end_epoch < 0:
+            raise ConfigError(f"config key 'distill.end_epoch' must be >= 0, got {d.end_epoch}")
         if not 0.0 < d.ema_horizon <= 1.0:
             raise ConfigError(f"config key 'distill.ema_horizon' must be in (0, 1], got {d.ema_horizon}")
         if self.distill.aux_stages is not None:

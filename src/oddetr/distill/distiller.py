@@ -86,6 +86,11 @@ class OnlineDistiller:
             weights["md"] = md
         return weights
 
+    def guides(self, epoch_index: int) -> bool:
+        """Whether the teacher guides the student in the epoch of 0-based index ``epoch_index``
+        (``distill.end_epoch``; the EMA update goes on either way)."""
+        return self.cfg.end_epoch <= 0 or epoch_index < self.cfg.end_epoch
+
     def update(self, student: nn.Module) -> float:
         return self.teacher.update(student)
 

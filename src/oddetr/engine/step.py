@@ -122,7 +122,10 @@ class GuardedStep:
         n_boxes = sum(len(t["labels"]) for t in targets)
         num_boxes = max(dist.all_reduce_sum(n_boxes, self.device) / dist.world_size(), 1.0)
         try:
-            losses, total = compute_losses(self.net, self.criterion, self.state.distiller, images, masks, targets,
+            distiller = self.state.distiller
+            if distiller is not None and not distiller.guides(self.state.epoch):
+                distiller = None  # past distill.end_epoch: a baseline step (the EMA teacher still follows)
+            losses, total = compute_losses(self.net, self.criterion, distiller, images, masks, targets,
                                            num_boxes, self.cfg.amp, context)
             finite = bool(torch.isfinite(total))
             if not finite:
