@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from convergence import run_cli
+
+from oddetr.evaluation.plots import read_metrics
+
 
 def last_record(run: Path) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return records[-1]
+    return read_metrics(run / "metrics.jsonl")[-1]
 
 
 def branch(run: Path, epoch: int, out: Path, overrides: list[str], threads: int) -> Path:
@@ -39,10 +40,8 @@ def branch(run: Path, epoch: int, out: Path, overrides: list[str], threads: int)
         raise SystemExit(f"{target} exists: choose another --out")
     shutil.copytree(run, target, ignore=shutil.ignore_patterns("*.pt"))
     shutil.copy2(source, target / "last.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "oddetr", "train", "--resume", f"output={target}", *overrides]
-    with open(target / "branch.log", "w") as log:
-        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    run_cli([sys.executable, "-m", "oddetr", "train", "--resume", f"output={target}", *overrides], threads,
+            f"branch of {run}")
     (target / "branch.json").write_text(json.dumps({"from": str(run), "epoch": epoch, "overrides": overrides}))
     return target
 
