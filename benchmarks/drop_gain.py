@@ -1,0 +1,103 @@
+"""Where a step schedule's LR drop leaves OD-DETR's gain: each model's four curves at the drop and at the end.
+
+    python benchmarks/drop_gain.py --drop 14 docs/convergence/pretrained/convergence.json
+    python benchmarks/drop_gain.py --drop 14 docs/convergence/pretrained-dab/convergence.json \\
+        runs/out-ema/pretrained-dab-dino/convergence.json      # rows from several reports, merged
+
+Reads ``convergence.json`` reports of ``benchmarks/convergence.py`` (rows from several reports are merged, so the
+"baseline + EMA" row may come from a later sitting than the baseline and OD-DETR rows). For every model that has
+the rows baseline, "baseline + EMA" and OD-DETR, per seed and as mean ± std over seeds, it prints, in AP points:
+
+- what the drop gives each student: AP at the end minus AP at the last evaluation before the drop;
+- each run's averaging lead before the drop: its EMA teacher minus its student (the baseline's EMA is the
+  "baseline + EMA" row's teacher, which guides nothing);
+- OD-DETR's student gain at the end, against OD-DETR's teacher minus the baseline's EMA before the drop (what the
+  distillation adds beyond averaging, read where the LR is still high).
+
+It also checks that the "baseline + EMA" student is the baseline student (an EMA that guides nothing changes
+nothing in training): the largest difference over seeds and epochs is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from convergence import mean_std
+
+BASE, EMA, OD = "baseline", "baseline + EMA", "OD-DETR"
+
+
+def merged_curves(reports: list[Path]) -> tuple[dict, list[int]]:
+    """``{"model|variant": {"student/AP": [per-seed curve], ...}}`` over all reports, and their seeds (which must
+    agree: a row's curves are indexed by seed position)."""
+    curves: dict = {}
+    seeds: list[int] | None = None
+    for path in reports:
+        report = json.loads(path.read_text())
+        if seeds is not None and report["seeds"] != seeds:
+            raise SystemExit(f"{path}: seeds {report['seeds']} differ from {seeds} in the reports before it")
+        seeds = report["seeds"]
+        curves.update(report["curves"])
+    return curves, seeds or []
+
+
+def at(curve: list[float | None], epoch: int) -> float:
+    """AP after ``epoch`` (1-based); raises if that epoch was not evaluated."""
+    value = curve[epoch - 1] if epoch <= len(curve) else None
+    if value is None:
+        raise SystemExit(f"no evaluation at epoch {epoch} (curve of {len(curve)} epochs)")
+    return value
+
+
+def seed_row(curves: dict, model: str, i: int, drop: int) -> dict[str, float]:
+    """One seed's readings, in AP points (x100). ``drop``: the last epoch before the LR drop."""
+    base = curves[f"{model}|{BASE}"]["student/AP"][i]
+    ema = curves[f"{model}|{EMA}"]["teacher/AP"][i]
+    student = curves[f"{model}|{OD}"]["student/AP"][i]
+    teacher = curves[f"{model}|{OD}"]["teacher/AP"][i]
+    end = len(base)
+    return {k: 100 * v for k, v in {
+        "baseline drop gain": at(base, end) - at(base, drop),
+        "OD student drop gain": at(student, end) - at(student, drop),
+        "baseline EMA - student before drop": at(ema, drop) - at(base, drop),
+        "OD teacher - student before drop": at(teacher, drop) - at(student, drop),
+        "OD student - baseline at end": at(student, end) - at(base, end),
+        "OD teacher - baseline EMA before drop": at(teacher, drop) - at(ema, drop),
+        "OD teacher - baseline EMA at end": at(teacher, end) - at(ema, end),
+    }.items()}
+
+
+def ema_student_difference(curves: dict, model: str) -> float:
+    """Largest |"baseline + EMA" student AP - baseline student AP| over seeds and evaluated epochs."""
+    pairs = zip(curves[f"{model}|{EMA}"]["student/AP"], curves[f"{model}|{BASE}"]["student/AP"])
+    return max((abs(a - b) for ema, base in pairs for a, b in zip(ema, base) if a is not None and b is not None),
+               default=float("nan"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+", type=Path, help="convergence.json files")
+    parser.add_argument("--drop", type=int, required=True, help="the last epoch before the LR drop")
+    args = parser.parse_args()
+    curves, seeds = merged_curves(args.reports)
+    models = sorted({key.split("|")[0] for key in curves})
+    complete = [m for m in models if all(f"{m}|{v}" in curves for v in (BASE, EMA, OD))]
+    if not complete:
+        raise SystemExit(f"no model has all of the rows {BASE!r}, {EMA!r} and {OD!r} in these reports")
+    for model in complete:
+        rows = [seed_row(curves, model, i, args.drop) for i in range(len(seeds))]
+        print(f"\n{model}: AP points, LR drop after epoch {args.drop}; "
+              f"'baseline + EMA' student vs baseline student, largest difference "
+              f"{ema_student_difference(curves, model):.2e} AP")
+        print("| reading | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |")
+        print("|---|" + "---|" * (len(seeds) + 1))
+        for name in rows[0]:
+            values = [r[name] for r in rows]
+            mean, std = mean_std(values)
+            print(f"| {name} | " + " | ".join(f"{v:+.2f}" for v in values) + f" | {mean:+.2f} ± {std:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
