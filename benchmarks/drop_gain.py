@@ -85,6 +85,18 @@ def ema_student_difference(curves: dict, model: str) -> float:
                default=float("nan"))
 
 
+# (reading, the reading it should equal if a drop gives each run what its own EMA led it by)
+PAIRS = [("baseline drop gain", "baseline EMA - student before drop"),
+         ("OD student drop gain", "OD teacher - student before drop"),
+         ("OD student - baseline at end", "OD teacher - baseline EMA before drop")]
+
+
+def mean_gap(rows: list[dict[str, float]], pairs: list[tuple[str, str]]) -> float:
+    """Mean |a - b| over the rows (seeds) and the given pairs of readings, in AP points."""
+    gaps = [abs(r[a] - r[b]) for r in rows for a, b in pairs]
+    return sum(gaps) / len(gaps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", type=Path, help="convergence.json files")
@@ -107,6 +119,9 @@ def main() -> None:
             values = [r[name] for r in rows]
             mean, std = mean_std(values)
             print(f"| {name} | " + " | ".join(f"{v:+.2f}" for v in values) + f" | {mean:+.2f} ± {std:.2f} |")
+        print(f"per run, |drop gain - EMA lead before the drop|: mean {mean_gap(rows, PAIRS[:2]):.2f} AP over "
+              f"{2 * len(rows)} runs; |final student gain - teacher lead over the baseline's EMA before the drop|: "
+              f"mean {mean_gap(rows, PAIRS[2:]):.2f} AP over {len(rows)} seeds")
 
 
 if __name__ == "__main__":
