@@ -76,10 +76,7 @@ def seed_row(curves: dict, model: str, i: int, drop: int) -> dict[str, float]:
 
 
 def ema_student_difference(curves: dict, model: str) -> float:
-    """Largest |"baseline + EMA" student AP - baseline student AP| over seeds and evaluated epochs (nan without a
-    baseline row)."""
-    if f"{model}|{BASE}" not in curves:
-        return float("nan")
+    """Largest |"baseline + EMA" student AP - baseline student AP| over seeds and evaluated epochs (both rows needed)."""
     pairs = zip(curves[f"{model}|{EMA}"]["student/AP"], curves[f"{model}|{BASE}"]["student/AP"])
     return max((abs(a - b) for ema, base in pairs for a, b in zip(ema, base) if a is not None and b is not None),
                default=float("nan"))
