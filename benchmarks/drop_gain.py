@@ -14,6 +14,10 @@ the rows "baseline + EMA" and OD-DETR (and, best, baseline), per seed and as mea
 - OD-DETR's student gain at the end, against OD-DETR's teacher minus the baseline's EMA before the drop (what the
   distillation adds beyond averaging, read where the LR is still high).
 
+``--over-training`` adds, for every evaluated epoch, the mean over seeds of OD-DETR's student lead over the baseline
+and of its teacher's lead over the baseline's EMA (the part of the lead that averaging does not give), with each
+run's own EMA lead beside them.
+
 It also checks that the "baseline + EMA" student is the baseline student (an EMA that guides nothing changes
 nothing in training): the largest difference over seeds and epochs is printed. Without a baseline row, the
 "baseline + EMA" student stands for the baseline (that check is then not made).
@@ -82,6 +86,28 @@ def ema_student_difference(curves: dict, model: str) -> float:
                default=float("nan"))
 
 
+def leads_over_training(curves: dict, model: str) -> list[dict[str, float]]:
+    """Per epoch evaluated in every run, the mean over seeds (AP points) of OD-DETR's student minus the baseline,
+    its teacher minus the baseline's EMA, and each row's own EMA minus its student; "epoch" is 1-based."""
+    base = baseline_student(curves, model)
+    ema = curves[f"{model}|{EMA}"]["teacher/AP"]
+    student, teacher = (curves[f"{model}|{OD}"][k] for k in ("student/AP", "teacher/AP"))
+    def mean_over_seeds(values: list[tuple[float, ...]], f) -> float:
+        return 100 * sum(f(*seed) for seed in values) / len(values)
+
+    rows = []
+    for e in range(min(len(c) for c in (*base, *ema, *student, *teacher))):
+        values = [(b[e], m[e], s[e], t[e]) for b, m, s, t in zip(base, ema, student, teacher)]
+        if any(v is None for seed in values for v in seed):
+            continue
+        rows.append({"epoch": e + 1,
+                     "OD student - baseline": mean_over_seeds(values, lambda b, m, s, t: s - b),
+                     "OD teacher - baseline EMA": mean_over_seeds(values, lambda b, m, s, t: t - m),
+                     "OD teacher - its student": mean_over_seeds(values, lambda b, m, s, t: t - s),
+                     "baseline EMA - its student": mean_over_seeds(values, lambda b, m, s, t: m - b)})
+    return rows
+
+
 # (reading, the reading it should equal if a drop gives each run what its own EMA led it by)
 PAIRS = [("baseline drop gain", "baseline EMA - student before drop"),
          ("OD student drop gain", "OD teacher - student before drop"),
@@ -98,6 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", type=Path, help="convergence.json files")
     parser.add_argument("--drop", type=int, required=True, help="the last epoch before the LR drop")
+    parser.add_argument("--over-training", action="store_true",
+                        help="also print the mean leads at every evaluated epoch")
     args = parser.parse_args()
     curves, seeds = merged_curves(args.reports)
     models = sorted({key.split("|")[0] for key in curves})
@@ -119,6 +147,14 @@ def main() -> None:
         print(f"per run, |drop gain - EMA lead before the drop|: mean {mean_gap(rows, PAIRS[:2]):.2f} AP over "
               f"{2 * len(rows)} runs; |final student gain - teacher lead over the baseline's EMA before the drop|: "
               f"mean {mean_gap(rows, PAIRS[2:]):.2f} AP over {len(rows)} seeds")
+        if args.over_training:
+            leads = leads_over_training(curves, model)
+            names = [k for k in leads[0] if k != "epoch"]
+            print(f"\n{model}: mean over {len(seeds)} seeds at each evaluation, AP points")
+            print("| epoch | " + " | ".join(names) + " |")
+            print("|---|" + "---|" * len(names))
+            for row in leads:
+                print(f"| {row['epoch']} | " + " | ".join(f"{row[k]:+.2f}" for k in names) + " |")
 
 
 if __name__ == "__main__":
