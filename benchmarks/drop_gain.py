@@ -92,6 +92,7 @@ def leads_over_training(curves: dict, model: str) -> list[dict[str, float]]:
     base = baseline_student(curves, model)
     ema = curves[f"{model}|{EMA}"]["teacher/AP"]
     student, teacher = (curves[f"{model}|{OD}"][k] for k in ("student/AP", "teacher/AP"))
+
     def mean_over_seeds(values: list[tuple[float, ...]], f) -> float:
         return 100 * sum(f(*seed) for seed in values) / len(values)
 
@@ -149,6 +150,9 @@ def main() -> None:
               f"mean {mean_gap(rows, PAIRS[2:]):.2f} AP over {len(rows)} seeds")
         if args.over_training:
             leads = leads_over_training(curves, model)
+            if not leads:
+                print(f"\n{model}: no epoch was evaluated in every run")
+                continue
             names = [k for k in leads[0] if k != "epoch"]
             print(f"\n{model}: mean over {len(seeds)} seeds at each evaluation, AP points")
             print("| epoch | " + " | ".join(names) + " |")
