@@ -51,6 +51,9 @@ VARIANTS: dict[str, list[str]] = {
     # the teacher's guiding pass normalises with the batch's statistics, as the training-mode student does
     # (two-stage models: their top-K proposals then coincide early in training; benchmarks/two_stage_probe.py)
     "OD-DETR, teacher BN batch": [*FULL, "distill.teacher_bn=batch"],
+    # MD's positives from the teacher's matching alone (one-to-one, slow to change), not the union with the
+    # student's own: where near-equal student queries compete for a GT only the teacher's choice stays positive
+    "OD-DETR, teacher pairs": [*FULL, "distill.md_pairs=teacher"],
     # the teacher's guiding pass under bf16 autocast (its outputs back in float32): a cheaper teacher
     "OD-DETR, bf16 teacher": [*FULL, "distill.teacher_amp=bf16"],
 }

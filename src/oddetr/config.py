@@ -162,6 +162,10 @@ class DistillConfig:
     # autocast precision of the teacher's guiding pass (no grad), its outputs cast back to float32: on CPUs
     # with bf16 units and on GPUs a cheaper teacher; none follows train.amp
     teacher_amp: Literal["none", "bf16", "fp16"] = "none"
+    # MD's positives: the union of the student's own pairs and the teacher's (the paper's "not only ...
+    # but also"), or the teacher's pairs alone (one-to-one, and as slow to change as the teacher: where two
+    # near-equal student queries compete for a GT, only the teacher's choice stays positive)
+    md_pairs: Literal["union", "teacher"] = "union"
     md_box: Literal["none", "unmatched_only", "all"] = "unmatched_only"
     # soft-target box of a (query, GT) pair only the teacher made: the teacher's box, the student's, or the
     # better of the two (IoU with the GT); the student's own pairs always use the student's box

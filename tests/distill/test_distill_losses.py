@@ -382,6 +382,32 @@ def test_md_teacher_only_pair_takes_the_chosen_box(source):
                                rtol=1e-5, atol=1e-7)
 
 
+def test_md_teacher_pairs_replace_the_students_own():
+    """distill.md_pairs=teacher: the teacher's pairs are the positives (its box's IoU), the student's own pair
+    survives only for a GT the teacher's pairs leave out, and boxes regress on exactly those pairs."""
+    logits, boxes, targets = _md_case()
+    gt, b = targets[0]["boxes"], boxes[0]
+    teacher_boxes = boxes.clone()
+    teacher_boxes[0, 2] = torch.tensor([0.59, 0.61, 0.30, 0.31])  # the teacher's q2 sits on b
+    student = [(torch.tensor([3, 0]), torch.tensor([1, 0]))]  # q3 -> b (the teacher prefers q2), q0 -> a
+    teacher = [(torch.tensor([2, 4]), torch.tensor([1, 2]))]  # q2 -> b, q4 -> c; a left to the student
+    cfg, _, criterion, distiller = tiny_setup("distill.md_pairs=teacher")
+    group = GroupOutput("main", logits[None], boxes[None], torch.zeros(1, 1, 5, 1), [])
+    losses = distiller._md_losses("md", group, [student], [teacher], teacher_boxes[None], targets, 3.0)
+    y = torch.zeros(5, 3, dtype=torch.float64)
+    y[2, 2] = _iou(teacher_boxes[0, 2], gt[1])
+    y[4, 0] = _iou(teacher_boxes[0, 4], gt[2])
+    y[0, 0] = _iou(b[0], gt[0])  # the student's own pair: a has no teacher pair
+    assert y[2, 2] > 0.8 and y[0, 0] > 0.5 and _iou(b[3], gt[1]) > 0.5  # q3 would be a positive under union
+    torch.testing.assert_close(losses["md/cls/l0"].double(), _qfl_reference(logits[0], y, cfg.loss.qfl_beta) / 3.0,
+                               rtol=1e-5, atol=1e-7)
+    pairs = [(0, 0), (2, 1), (4, 2)]
+    l1 = sum(float((b[q] - gt[g]).abs().sum()) for q, g in pairs)
+    assert float(losses["md/l1/l0"]) == pytest.approx(l1 / 3.0, rel=1e-5)
+    union = tiny_setup()[3]._md_losses("md", group, [student], [teacher], teacher_boxes[None], targets, 3.0)
+    assert abs(float(union["md/cls/l0"]) - float(losses["md/cls/l0"])) > 1e-2
+
+
 def test_varifocal_loss_matches_formula():
     from oddetr.losses.criterion import varifocal_loss
 

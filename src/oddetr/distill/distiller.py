@@ -24,7 +24,7 @@ from oddetr.distill.ema import EmaTeacher, batch_statistics, ema_schedule
 from oddetr.distill.groups import AuxGroup, aux_group, prediction_group, select_aux_queries
 from oddetr.distill.losses import prediction_distillation_losses
 from oddetr.distill.two_stage import main_group_teacher_assignments, main_group_teacher_boxes
-from oddetr.losses.criterion import SetCriterion, teacher_only_pairs, union_unmatched
+from oddetr.losses.criterion import SetCriterion, gts_left_to_student, teacher_only_pairs, union_unmatched
 from oddetr.losses.matcher import Assignment
 from oddetr.models.backbone import BackbonePrefix
 from oddetr.models.outputs import DetectorOutput, GroupOutput, QueryGroup, cast_floating
@@ -187,12 +187,21 @@ class OnlineDistiller:
                    teacher_boxes: torch.Tensor, targets: Sequence[dict], num_boxes: float) -> dict[str, torch.Tensor]:
         """MD on one group whose queries correspond to the teacher's index-for-index.
 
-        Positives: the student's own pairs (soft target: IoU of its own box) and, per layer, the
-        pairs only the teacher made (soft target: IoU of the box ``distill.md_target_box`` picks;
-        teacher_boxes: (L, B, Q, 4)). Boxes regress per ``distill.md_box``.
+        Positives (``distill.md_pairs=union``): the student's own pairs (soft target: IoU of its own box)
+        and, per layer, the pairs only the teacher made (soft target: IoU of the box
+        ``distill.md_target_box`` picks; teacher_boxes: (L, B, Q, 4)). Boxes regress per ``distill.md_box``.
+        ``md_pairs=teacher``: the teacher's pairs are the positives (soft target and box as for the
+        teacher-only pairs above), plus the student's own pair of any GT the teacher's pairs leave out
+        (two-stage queries with no counterpart); boxes regress on the same pairs.
         """
-        teacher_only = [teacher_only_pairs(s, t) for s, t in zip(own, teacher)]
-        box_pairs = [union_unmatched(s, t, self.cfg.md_box) for s, t in zip(own, teacher)]
+        if self.cfg.md_pairs == "teacher":
+            own = [gts_left_to_student(s, t) for s, t in zip(own, teacher)]
+            teacher_only = teacher
+            box_pairs = [[(torch.cat([sq, tq]), torch.cat([sg, tg])) for (sq, sg), (tq, tg) in zip(s, t)]
+                         for s, t in zip(own, teacher)]
+        else:
+            teacher_only = [teacher_only_pairs(s, t) for s, t in zip(own, teacher)]
+            box_pairs = [union_unmatched(s, t, self.cfg.md_box) for s, t in zip(own, teacher)]
         source = self.cfg.md_target_box
         sources = [group.boxes] if source == "student" else [teacher_boxes] if source == "teacher" else \
             [group.boxes, teacher_boxes]

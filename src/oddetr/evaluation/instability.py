@@ -18,10 +18,13 @@ import random
 from collections.abc import Mapping, Sequence
 
 import torch
+from torchvision.ops import box_iou
 
+from oddetr.box_ops import cxcywh_to_xyxy
 from oddetr.errors import ConfigError
 
-__all__ = ["assignment_map", "instability", "positions_of_queries", "select_probe_indices"]
+__all__ = ["assignment_map", "instability", "positions_of_queries", "rival_queries", "select_probe_indices",
+           "split_instability"]
 
 AssignmentMap = dict[tuple[int, int], int]
 
@@ -87,6 +90,53 @@ def instability(previous: Mapping[tuple[int, int], int], current: Mapping[tuple[
         return 0.0
     changed = sum(previous[k] != current[k] for k in common)
     return changed / len(common)
+
+
+RivalMap = dict[tuple[int, int], frozenset[int]]
+
+
+def rival_queries(image_id: int, probs: torch.Tensor, boxes: torch.Tensor, gt_boxes: torch.Tensor,
+                  gt_labels: torch.Tensor, query_idx: torch.Tensor, gt_idx: torch.Tensor, min_iou: float = 0.5,
+                  min_ratio: float = 0.8) -> RivalMap:
+    """Each matched GT's *rivals*: the other queries that predict it about as well as its matched query.
+
+    A query r is a rival for GT g (matched to query q) when its box overlaps g with IoU >= ``min_iou``
+    and its probability of g's class is >= ``min_ratio`` times q's. Hungarian matching may pick any of
+    them next epoch with no change in what the model has learned (near-duplicate detections).
+
+    Args:
+        probs: (Q, C) class probabilities of one image's main queries; boxes: (Q, 4) cxcywh.
+        gt_boxes: (G, 4) cxcywh; gt_labels: (G,) int64.
+        query_idx, gt_idx: the matcher's pairs for this image, both (K,).
+
+    Returns:
+        ``{(image_id, gt_index): frozenset of rival query indices}`` for every matched GT.
+    """
+    iou = box_iou(cxcywh_to_xyxy(boxes.float()), cxcywh_to_xyxy(gt_boxes.float()))  # (Q, G)
+    out: RivalMap = {}
+    for q, g in zip(torch.as_tensor(query_idx).tolist(), torch.as_tensor(gt_idx).tolist()):
+        p = probs[:, int(gt_labels[g])]
+        good = (iou[:, g] >= min_iou) & (p >= min_ratio * p[q])
+        good[q] = False
+        out[(int(image_id), int(g))] = frozenset(good.nonzero().flatten().tolist())
+    return out
+
+
+def split_instability(previous: Mapping[tuple[int, int], int], current: Mapping[tuple[int, int], int],
+                      previous_rivals: Mapping[tuple[int, int], frozenset[int]],
+                      current_rivals: Mapping[tuple[int, int], frozenset[int]]) -> tuple[float, float]:
+    """:func:`instability` split in two: ``(swap, new)``, which add up to it.
+
+    A changed GT is a *swap* when its new query was already a rival at the previous epoch or its old
+    query is still a rival now (matching chose between near-duplicates), and *new* otherwise (the
+    query that predicts it changed). Each is a fraction of the GT boxes in both maps.
+    """
+    common = previous.keys() & current.keys()
+    if not common:
+        return 0.0, 0.0
+    changed = [k for k in common if previous[k] != current[k]]
+    swaps = sum(current[k] in previous_rivals.get(k, ()) or previous[k] in current_rivals.get(k, ()) for k in changed)
+    return swaps / len(common), (len(changed) - swaps) / len(common)
 
 
 def select_probe_indices(dataset_len: int, max_images: int = 256, seed: int = 0) -> list[int]:

@@ -66,6 +66,12 @@ def teacher_only_pairs(student: Assignment, teacher: Assignment) -> Assignment:
     return out
 
 
+def gts_left_to_student(student: Assignment, teacher: Assignment) -> Assignment:
+    """Per image, the student's (query, GT) pairs whose GT no teacher pair covers (a two-stage teacher
+    query with no student counterpart leaves its GT to the student's own matching)."""
+    return [(sq[~torch.isin(sg, tg)], sg[~torch.isin(sg, tg)]) for (sq, sg), (_, tg) in zip(student, teacher)]
+
+
 def union_unmatched(student: Assignment, teacher: Assignment, mode: str) -> Assignment:
     """Box-loss pairs for matching distillation.
 
